@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
+from sfp_onnx.cli.prune import analyze, prune, slim
 
 __all__ = ["ALL"]
 
-ALL: list[click.Command] = []
+ALL: list[click.Command] = [analyze, slim, prune]

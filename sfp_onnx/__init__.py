@@ -8,4 +8,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "analyze", "prune", "slim"]
+
+from sfp_onnx.api import analyze, prune, slim

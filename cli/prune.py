@@ -1,0 +1,138 @@
+"""``sfp-onnx analyze``, ``slim`` and ``prune``: the ONNX-only commands (no training)."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+from sfp_onnx.cli._render import console, human, render_report, status
+
+import sfp_onnx
+
+__all__ = ["analyze", "prune", "slim"]
+
+_model_arg = click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+_output_opt = click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the slim model.",
+)
+_report_opt = click.option(
+    "--report", type=click.Path(dir_okay=False), help="Also write the report as JSON here."
+)
+
+
+@click.command()
+@_model_arg
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the analysis as JSON."
+)
+@click.option("--layers/--no-layers", default=True, help="Show the per-layer table.")
+def analyze(model: str, json_path: str | None, layers: bool) -> None:
+    """Show which channels of MODEL can be pruned, and what each layer costs.
+
+    Channels that must be kept or removed together (a conv's outputs, every branch of a
+    residual Add, Concat segments) form one group. A group is blocked, with the reason shown,
+    when it reaches a graph input or output or passes through an op that does not keep zero
+    channels at zero.
+    """
+    with status("analyzing"):
+        result = sfp_onnx.analyze(model)
+    if layers:
+        table = Table(title="layers")
+        for col in ("layer", "op", "output", "MACs", "params", "prunable"):
+            table.add_column(col, justify="right" if col in ("MACs", "params") else "left")
+        for layer in result.layers:
+            table.add_row(
+                layer.name, layer.op_type, "x".join(map(str, layer.output_shape)),
+                human(layer.macs), human(layer.params),
+                "yes" if layer.name in result.prunable_layers else "-",
+            )  # fmt: skip
+        console.print(table)
+    table = Table(title="channel groups")
+    for col in ("id", "channels", "coupled layers", "status"):
+        table.add_column(col)
+    for group in result.groups:
+        coupled = ", ".join(group.layers[:3]) + (
+            f" +{len(group.layers) - 3}" if len(group.layers) > 3 else ""
+        )
+        table.add_row(
+            str(group.id),
+            str(group.channels),
+            coupled,
+            "prunable" if group.prunable else f"blocked: {group.blocked}",
+        )
+    console.print(table)
+    share = result.prunable_macs / result.stats.macs if result.stats.macs else 0.0
+    console.print(
+        f"total: {human(result.stats.macs)} MACs, {human(result.stats.params)} parameters; "
+        f"{sum(g.prunable for g in result.groups)} of {len(result.groups)} groups prunable, "
+        f"covering {share:.1%} of the MACs"
+    )
+    if json_path:
+        from sfp_onnx._io import write_json
+
+        write_json(json_path, result.to_json())
+
+
+@click.command()
+@_model_arg
+@_output_opt
+@_report_opt
+def slim(model: str, output: str, report: str | None) -> None:
+    """Physically remove the channels of MODEL that are already exactly zero.
+
+    Use it after any soft pruning (SFP's reference code, torch.nn.utils.prune, ...): a
+    channel goes when its filter row and bias (or the following norm's scale and shift) are
+    zero. In a residual group a channel is kept if any branch still uses it. The result is
+    checked against MODEL in onnxruntime; nothing is written if it differs.
+    """
+    with status("slimming"):
+        result = sfp_onnx.slim(model, output, report=report)
+    render_report(result)
+
+
+@click.command()
+@_model_arg
+@_output_opt
+@click.option(
+    "--rate",
+    required=True,
+    type=float,
+    help="Fraction of each group's channels to remove, in [0, 1).",
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["l2", "l1", "fpgm"]),
+    default="l2",
+    show_default=True,
+    help="Filter importance: L2 norm (SFP), L1 norm (PFEC) or FPGM (distance to the "
+    "geometric median).",
+)
+@click.option(
+    "--round-to",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep a multiple of K channels per group (fast CPU kernels like 8 or 16).",
+)
+@click.option(
+    "--save-masked",
+    type=click.Path(dir_okay=False),
+    help="Also write the zeroed, unsliced model (the reference OUT is checked against).",
+)
+@_report_opt
+def prune(model: str, output: str, rate: float, criterion: str, round_to: int | None,
+          save_masked: str | None, report: str | None) -> None:  # fmt: skip
+    """One-shot pruning without training: zero the weakest channels, then slim.
+
+    Per prunable group, each channel index is scored over all coupled filters (summed), the
+    lowest floor(RATE x C) are zeroed (never all), and the zeroed channels are removed. For
+    accuracy, fine-tune with `sfp-onnx compress` instead.
+    """
+    with status("pruning"):
+        result = sfp_onnx.prune(
+            model, output, rate=rate, criterion=criterion, round_to=round_to,
+            save_masked=save_masked, report=report,
+        )  # fmt: skip
+    render_report(result)

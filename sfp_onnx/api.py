@@ -1,0 +1,193 @@
+"""The public operations: analyze, slim and prune an ONNX model.
+
+Each function runs one whole command of the CLI as a library call — load, analyze, (zero),
+rewrite, verify, write, measure — and returns its report. They take typed keywords, never
+argv, print nothing, and raise :class:`sfp_onnx.errors.SfpError` for user-caused problems.
+Nothing is written unless the rewritten model is exact; the input file is only read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from sfp_onnx import __version__
+from sfp_onnx._io import check_writable, write_json
+from sfp_onnx.analyze import Analysis, analyze_model
+from sfp_onnx.errors import ExactnessError, UsageError
+from sfp_onnx.load import clone_model, load_model, save_model
+from sfp_onnx.measure import count_layer_costs, measure_model
+from sfp_onnx.report import AnalysisReport, Report, summarize_group
+from sfp_onnx.rewrite import rewrite_model
+from sfp_onnx.soft_prune import CRITERIA, soft_prune_model
+from sfp_onnx.verify import verify_models
+from sfp_onnx.zeros import removable_channels
+
+__all__ = ["analyze", "prune", "slim", "write_pruned"]
+
+PathLike = str | os.PathLike
+
+
+def analyze(model: PathLike) -> AnalysisReport:
+    """Channel groups, per-layer MACs and parameters, and the share of MACs that can be pruned."""
+    ir_model = load_model(model)
+    analysis = analyze_model(ir_model)
+    layers = count_layer_costs(ir.serde.serialize_model(ir_model))
+    prunable_layers = frozenset(
+        piece.node
+        for group in analysis.prunable_groups
+        for piece in group.slices
+        if piece.kind in ("filter", "input")
+    )
+    return AnalysisReport(
+        input=str(model),
+        groups=tuple(summarize_group(g) for g in analysis.groups),
+        layers=tuple(layers),
+        prunable_layers=prunable_layers,
+        stats=measure_model(model),
+    )
+
+
+def slim(model: PathLike, output: PathLike, *, report: PathLike | None = None) -> Report:
+    """Remove every channel that is already exactly zero wherever it is read.
+
+    This is the last step of any soft pruning (SFP, ``torch.nn.utils.prune``, ...): channels
+    whose filters (or the following norm's scale and shift) are zero are deleted; in a
+    coupled group a channel is kept if any branch still uses it.
+    """
+    _check_outputs(model, output, report)
+    masked = load_model(model)
+    analysis = analyze_model(masked)
+    return write_pruned(
+        masked,
+        analysis,
+        source=model,
+        output=output,
+        report=report,
+        command="slim",
+        settings={},
+    )
+
+
+def prune(
+    model: PathLike,
+    output: PathLike,
+    *,
+    rate: float,
+    criterion: str = "l2",
+    round_to: int | None = None,
+    save_masked: PathLike | None = None,
+    report: PathLike | None = None,
+) -> Report:
+    """One-shot pruning: zero the least important ⌊rate·C⌋ channels of each group, then slim.
+
+    Args:
+        model: input ONNX file (only read).
+        output: where the slim model goes.
+        rate: fraction of each prunable group's channels to remove, in [0, 1).
+        criterion: ``l2`` (SFP's default), ``l1`` or ``fpgm``.
+        round_to: keep a multiple of this many channels per group (fast kernels want 8/16).
+        save_masked: also write the zeroed, unsliced model (the exactness reference).
+        report: also write the report JSON here.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise UsageError(f"--rate must be in [0, 1), got {rate}")
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if round_to is not None and round_to < 1:
+        raise UsageError(f"--round-to must be a positive integer, got {round_to}")
+    _check_outputs(model, output, report, save_masked)
+    masked = load_model(model)
+    analysis = analyze_model(masked)
+    soft_prune_model(masked, analysis.groups, rate=rate, criterion=criterion, round_to=round_to)
+    settings = {"rate": rate, "criterion": criterion, "round_to": round_to}
+    return write_pruned(
+        masked,
+        analysis,
+        source=model,
+        output=output,
+        report=report,
+        save_masked=save_masked,
+        command="prune",
+        settings=settings,
+    )
+
+
+def write_pruned(
+    masked: ir.Model,
+    analysis: Analysis,
+    *,
+    source: PathLike,
+    output: PathLike,
+    command: str,
+    settings: Mapping[str, object],
+    report: PathLike | None = None,
+    save_masked: PathLike | None = None,
+    verify_feeds: list[dict[str, np.ndarray]] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> Report:
+    """Slim a masked model, verify it against the masked one, write both, measure, report.
+
+    Shared by ``slim``, ``prune`` and ``compress``: the surgery removes exactly the channels
+    that are zero at every consumer, and nothing is written unless the result is exact.
+    """
+    removed = removable_channels(masked, analysis)
+    slim_model = clone_model(masked)
+    rewrite_model(slim_model, analysis, removed)
+    provenance = {
+        "sfp_onnx.version": __version__,
+        "sfp_onnx.command": command,
+        **{f"sfp_onnx.{k}": str(v) for k, v in settings.items()},
+        "sfp_onnx.source": Path(source).name,
+    }
+    slim_model.metadata_props.update(provenance)
+    verification = verify_models(masked, slim_model, feeds=verify_feeds)
+    if not verification.exact:
+        raise ExactnessError(
+            f"the rewritten model differs from the masked one by {verification.max_abs_diff:.3g} "
+            f"(max |y| {verification.max_abs_reference:.3g}); nothing was written"
+        )
+    _check_interface(source, slim_model)
+    if save_masked is not None:
+        save_model(masked, save_masked)
+    save_model(slim_model, output)
+    result = Report(
+        command=command,
+        input=str(source),
+        output=str(output),
+        before=measure_model(source),
+        after=measure_model(output),
+        verification=verification,
+        groups=tuple(summarize_group(g, len(removed.get(g.id, ()))) for g in analysis.groups),
+        settings=dict(settings),
+        extra=dict(extra or {}),
+    )
+    if report is not None:
+        write_json(report, result.to_json())
+    return result
+
+
+def _check_outputs(model: PathLike, *outputs: PathLike | None) -> None:
+    for out in outputs:
+        if out is not None:
+            check_writable(out, inputs=(model,))
+
+
+def _interface(graph: onnx.GraphProto) -> list[tuple[str, str]]:
+    return [(v.name, str(v.type).replace("\n", " ")) for v in [*graph.input, *graph.output]]
+
+
+def _check_interface(source: PathLike, rewritten: ir.Model) -> None:
+    original = onnx.load(str(source), load_external_data=False).graph
+    initializers = {t.name for t in original.initializer}
+    before = [io for io in _interface(original) if io[0] not in initializers]
+    after = _interface(ir.serde.serialize_model(rewritten).graph)
+    if before != after:
+        raise ExactnessError(
+            "the rewritten model's inputs/outputs differ from the original's; nothing was written"
+        )

@@ -1,0 +1,272 @@
+"""Loading: read an ONNX file, refuse what sfp-onnx cannot handle, normalise the graph.
+
+This module owns everything between a path on disk and the :class:`onnx_ir.Model` that the
+analysis reads and the surgery rewrites, and the way back to disk (:func:`save_model`). It
+checks the input (exists, parses, passes the ONNX checker, a float graph with a Conv in an
+opset we read) and normalises it with semantics-preserving passes so the analysis sees every
+weight as a private initializer of the node that reads it. It leaves channel reasoning to
+:mod:`sfp_onnx.analyze`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from google.protobuf.message import DecodeError
+
+from sfp_onnx._io import OutputError
+from sfp_onnx.errors import InvalidModelError, UnsupportedModelError
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "MIN_OPSET",
+    "QUANTIZED_OPS",
+    "UnshareInitializersPass",
+    "check_model_proto",
+    "clone_model",
+    "load_model",
+    "normalize_model",
+    "read_model_proto",
+    "save_model",
+]
+
+MIN_OPSET = 7
+MAX_OPSET = onnx.defs.onnx_opset_version()
+# Over this size (protobuf's hard limit is 2 GiB) models are written with external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+QUANTIZED_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "ConvInteger",
+        "MatMulInteger",
+        "QGemm",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearGlobalAveragePool",
+    }
+)
+
+
+def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file with its external data, turning every failure into one clear line.
+
+    Raises:
+        InvalidModelError: missing, empty, not ONNX, truncated, external data missing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise InvalidModelError(f"{path} is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise InvalidModelError(f"{path} is empty, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidModelError(f"{path} is not an ONNX model (it does not parse: {exc})") from exc
+    if not model.graph.node or model.ir_version == 0:
+        raise InvalidModelError(f"{path} is not an ONNX model (no graph in it)")
+    _load_external_data(model, path)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    missing = sorted(
+        {
+            entry.value
+            for tensor in onnx.external_data_helper._get_all_tensors(model)
+            if uses_external_data(tensor)
+            for entry in tensor.external_data
+            if entry.key == "location" and not (path.parent / entry.value).exists()
+        }
+    )
+    if missing:
+        raise InvalidModelError(
+            f"{path} keeps its weights in {', '.join(missing)}, which is missing beside it"
+        )
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise InvalidModelError(f"{path}: cannot read its external data: {exc}") from exc
+
+
+def check_model_proto(model: onnx.ModelProto, name: str) -> None:
+    """Refuse models sfp-onnx cannot prune, each with a one-line reason.
+
+    Raises:
+        InvalidModelError: the ONNX checker rejects it.
+        UnsupportedModelError: unsupported opset, quantized graph, or no Conv.
+    """
+    opset = _default_opset(model)
+    if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedModelError(
+            f"{name} uses opset {opset}; sfp-onnx reads opsets {MIN_OPSET} to {MAX_OPSET}"
+        )
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"{name} fails the ONNX checker: {first}") from exc
+    op_types = {node.op_type for node in model.graph.node}
+    quantized = sorted(op_types & QUANTIZED_OPS)
+    if quantized:
+        raise UnsupportedModelError(
+            f"{name} is a quantized graph ({', '.join(quantized)}); "
+            "prune the float model, then quantize the result"
+        )
+    if "Conv" not in op_types:
+        raise UnsupportedModelError(
+            f"{name} has no Conv node; sfp-onnx prunes convolutional networks"
+        )
+    if any(t.data_type not in _FLOAT_TYPES for t in model.graph.initializer if t.dims):
+        pass  # integer initializers (shapes, indices) are normal; only float weights are pruned
+
+
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+)
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+class UnshareInitializersPass(ir.passes.InPlacePass):
+    """Give every node its own copy of each initializer it reads.
+
+    Exporters and simplifiers de-duplicate equal tensors (the zero biases of two convs become
+    one initializer); slicing such a tensor for one conv must not slice it for the other.
+    The copies are named ``<name>__<k>``; graph inputs and outputs are left alone.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Duplicate each initializer once per extra node that reads it."""
+        graph = model.graph
+        modified = False
+        for value in list(graph.initializers.values()):
+            uses = list(value.uses())
+            if len(uses) <= 1 or value.is_graph_output() or value.const_value is None:
+                continue
+            for k, (node, index) in enumerate(uses[1:], start=1):
+                copy = ir.Value(
+                    name=_fresh_name(graph, f"{value.name}__{k}"),
+                    shape=value.shape,
+                    type=value.type,
+                    const_value=ir.tensor(value.const_value.numpy().copy()),
+                )
+                graph.register_initializer(copy)
+                node.replace_input_with(index, copy)
+                modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _fresh_name(graph: ir.Graph, name: str) -> str:
+    candidate, k = name, 0
+    while candidate in graph.initializers:
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
+
+
+def normalize_model(model: ir.Model) -> ir.Model:
+    """Apply the semantics-preserving passes the analysis relies on, in place.
+
+    Constants become initializers, Identity nodes go (weights that reach a Conv through an
+    Identity become its direct inputs), initializers listed as graph inputs stop being inputs,
+    every node gets private initializers, and shapes are inferred.
+    """
+    passes = ir.passes.PassManager(
+        [
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common_passes.IdentityEliminationPass(),
+            common_passes.RemoveInitializersFromInputsPass(),
+            common_passes.RemoveUnusedNodesPass(),
+            common_passes.NameFixPass(),
+            UnshareInitializersPass(),
+            common_passes.TopologicalSortPass(),
+        ]
+    )
+    passes(model)
+    infer_shapes(model)
+    return model
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Infer value shapes in place (a model's shapes are needed to size Flatten blocks)."""
+    try:
+        common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    except (
+        Exception
+    ) as exc:  # shape inference failing is not fatal: analysis blocks what it cannot size
+        del exc
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Read, check and normalise an ONNX model. The file itself is never modified."""
+    proto = read_model_proto(path)
+    check_model_proto(proto, str(path))
+    model = ir.serde.deserialize_model(proto)
+    return normalize_model(model)
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """A deep copy (weights included) that can be rewritten without touching ``model``."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def save_model(
+    model: ir.Model | onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> Path:
+    """Write a model atomically; with external data (``<name>.data``) when large or asked.
+
+    All files are first written into a temporary folder beside the target, then renamed into
+    place (the data file before the model that points to it), so a crash or a full disk never
+    leaves a partial model behind.
+    """
+    target = Path(path)
+    proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
+    if external_data is None:
+        external_data = proto.ByteSize() > threshold
+    parent = target.parent if str(target.parent) else Path(".")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        staged = tmpdir / target.name
+        data_name = f"{target.name}.data"
+        if external_data:
+            onnx.save_model(
+                proto,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            os.replace(tmpdir / data_name, parent / data_name)
+        else:
+            onnx.save_model(proto, str(staged))
+        os.replace(staged, target)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return target

@@ -1,0 +1,127 @@
+"""Reports: what a command did, as a record for people (tables) and machines (JSON).
+
+This module owns the :class:`Report` of ``slim``/``prune``/``compress`` and the
+:class:`AnalysisReport` of ``analyze``, and their JSON form. Every number in them is measured
+on the files actually written (see :mod:`sfp_onnx.measure`), never derived from the nominal
+rate. Rendering as terminal tables is the CLI's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sfp_onnx.analyze import ChannelGroup
+from sfp_onnx.measure import LayerCost, ModelStats
+from sfp_onnx.verify import Verification
+
+__all__ = ["AnalysisReport", "GroupSummary", "Report", "summarize_group"]
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One channel group as reported: its width before and after, and why if it is blocked."""
+
+    id: int
+    channels: int
+    kept: int
+    layers: tuple[str, ...]
+    prunable: bool
+    blocked: str | None
+
+    @property
+    def realised_rate(self) -> float:
+        """Fraction of the group's channels removed."""
+        return 1.0 - self.kept / self.channels if self.channels else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form, with the realised rate."""
+        return {**asdict(self), "layers": list(self.layers), "realised_rate": self.realised_rate}
+
+
+def summarize_group(group: ChannelGroup, removed: int = 0) -> GroupSummary:
+    """Summary of ``group`` after ``removed`` of its channels were deleted."""
+    return GroupSummary(
+        id=group.id,
+        channels=group.channels,
+        kept=group.channels - removed,
+        layers=group.layers,
+        prunable=group.prunable,
+        blocked=group.blocked,
+    )
+
+
+@dataclass(frozen=True)
+class Report:
+    """The outcome of a model-writing command (``slim``, ``prune``, ``compress``)."""
+
+    command: str
+    input: str
+    output: str
+    before: ModelStats
+    after: ModelStats
+    verification: Verification
+    groups: tuple[GroupSummary, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def macs_reduction(self) -> float:
+        """Fraction of multiply-accumulates removed."""
+        return 1.0 - self.after.macs / self.before.macs if self.before.macs else 0.0
+
+    @property
+    def params_reduction(self) -> float:
+        """Fraction of parameters removed."""
+        return 1.0 - self.after.params / self.before.params if self.before.params else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The report JSON (schema in the README)."""
+        from sfp_onnx import __version__
+
+        return {
+            "tool": f"sfp-onnx {__version__}",
+            "command": self.command,
+            "input": self.input,
+            "output": self.output,
+            "settings": self.settings,
+            "flops": {"before": self.before.macs, "after": self.after.macs},
+            "params": {"before": self.before.params, "after": self.after.params},
+            "file_bytes": {"before": self.before.file_bytes, "after": self.after.file_bytes},
+            "macs_reduction": self.macs_reduction,
+            "verification": self.verification.to_json(),
+            "groups": [g.to_json() for g in self.groups],
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class AnalysisReport:
+    """The outcome of ``analyze``: groups, per-layer costs and how much of it can be pruned."""
+
+    input: str
+    groups: tuple[GroupSummary, ...]
+    layers: tuple[LayerCost, ...]
+    prunable_layers: frozenset[str]
+    stats: ModelStats
+
+    @property
+    def prunable_macs(self) -> int:
+        """MACs of layers that read or write a prunable group."""
+        return sum(layer.macs for layer in self.layers if layer.name in self.prunable_layers)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form of the analysis."""
+        return {
+            "input": self.input,
+            "macs": self.stats.macs,
+            "params": self.stats.params,
+            "file_bytes": self.stats.file_bytes,
+            "prunable_macs": self.prunable_macs,
+            "prunable_macs_share": self.prunable_macs / self.stats.macs if self.stats.macs else 0.0,
+            "groups": [g.to_json() for g in self.groups],
+            "layers": [
+                {**asdict(layer), "prunable": layer.name in self.prunable_layers}
+                for layer in self.layers
+            ],
+        }

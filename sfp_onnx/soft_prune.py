@@ -1,0 +1,121 @@
+"""Soft pruning: score the channels of each group and zero the least important ones.
+
+This module owns the pruning criteria (L2 and L1 filter norms, FPGM's distance to the
+geometric median), the choice of how many channels of a group to zero (rate, rounding to a
+multiple of K, never all) and the zeroing itself on ONNX initializers. The same scores and
+choices drive one-shot ``prune`` and, every epoch, SFP training. Scores are per group index,
+summed over every coupled filter, so the branches of a residual join zero the same channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from sfp_onnx.analyze import ChannelGroup, ChannelSlice
+from sfp_onnx.errors import UsageError
+from sfp_onnx.zeros import masked_arrays
+
+__all__ = [
+    "CRITERIA",
+    "filter_rows",
+    "prune_count",
+    "score_group",
+    "select_channels",
+    "soft_prune_model",
+]
+
+
+def _l2(rows: np.ndarray) -> np.ndarray:
+    return np.sqrt((rows.astype(np.float64) ** 2).sum(axis=1))
+
+
+def _l1(rows: np.ndarray) -> np.ndarray:
+    return np.abs(rows.astype(np.float64)).sum(axis=1)
+
+
+def _fpgm(rows: np.ndarray) -> np.ndarray:
+    """Sum of distances to the other filters: smallest near the geometric median."""
+    rows = rows.astype(np.float64)
+    sq = (rows**2).sum(axis=1)
+    dist2 = np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0.0)
+    return np.sqrt(dist2).sum(axis=1)
+
+
+CRITERIA = {"l2": _l2, "l1": _l1, "fpgm": _fpgm}
+
+
+def filter_rows(array: np.ndarray, piece: ChannelSlice, channels: int) -> np.ndarray:
+    """The group's channels of one filter slice as a [channels, -1] matrix."""
+    moved = np.moveaxis(array, piece.axis, 0)
+    span = moved[piece.offset : piece.offset + channels * piece.block]
+    return span.reshape(channels, -1)
+
+
+def score_group(
+    group: ChannelGroup, arrays: Mapping[str, np.ndarray], criterion: str = "l2"
+) -> np.ndarray:
+    """Importance of each channel index of ``group``, summed over its coupled filters."""
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    score = np.zeros(group.channels, dtype=np.float64)
+    for piece in group.filters:
+        score += CRITERIA[criterion](filter_rows(arrays[piece.tensor], piece, group.channels))
+    return score
+
+
+def prune_count(channels: int, rate: float, round_to: int | None = None) -> int:
+    """How many of ``channels`` to zero: ⌊rate·C⌋, adjusted so a multiple of K remain.
+
+    With ``round_to`` K the kept count is rounded to the nearest multiple of K (at least K);
+    groups narrower than K are left whole. At least one channel is always kept.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise UsageError(f"rate must be in [0, 1), got {rate}")
+    pruned = int(np.floor(rate * channels + 1e-9))
+    if round_to and round_to > 1 and pruned:
+        if channels < round_to:
+            return 0
+        kept = int(round_to * max(1, round((channels - pruned) / round_to)))
+        pruned = channels - min(kept, channels)
+    return min(pruned, channels - 1)
+
+
+def select_channels(score: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` lowest scores (ties broken by index), sorted."""
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((np.arange(score.size), score))
+    return np.sort(order[:count]).astype(np.int64)
+
+
+def soft_prune_model(
+    model: ir.Model,
+    groups: Sequence[ChannelGroup],
+    *,
+    rate: float,
+    criterion: str = "l2",
+    round_to: int | None = None,
+) -> dict[int, np.ndarray]:
+    """Zero the least important channels of every prunable group of ``model``, in place.
+
+    Returns:
+        The zeroed channel indices per group id.
+    """
+    initializers = model.graph.initializers
+    arrays = {
+        piece.tensor: initializers[piece.tensor].const_value.numpy()
+        for group in groups
+        for piece in group.filters
+    }
+    chosen: dict[int, np.ndarray] = {}
+    for group in groups:
+        if not group.prunable or not group.filters:
+            continue
+        count = prune_count(group.channels, rate, round_to)
+        chosen[group.id] = select_channels(score_group(group, arrays, criterion), count)
+    for name, array in masked_arrays(model, groups, chosen).items():
+        initializers[name].const_value = ir.tensor(array, name=name)
+    return chosen
