@@ -39,10 +39,7 @@ def analyze(model: PathLike) -> AnalysisReport:
     analysis = analyze_model(ir_model)
     layers = count_layer_costs(ir.serde.serialize_model(ir_model))
     prunable_layers = frozenset(
-        piece.node
-        for group in analysis.prunable_groups
-        for piece in group.slices
-        if piece.kind in ("filter", "input")
+        piece.node for group in analysis.prunable_groups for piece in group.slices
     )
     return AnalysisReport(
         input=str(model),

@@ -1,0 +1,89 @@
+"""`slim`: remove channels zeroed in torch before export — exactly those, and exactly.
+
+Graph case: a small ResNet (stem, two identity-shortcut blocks, one projection block,
+GAP → Flatten → Linear). Channels of the residual stream are zeroed across the whole stage
+(stem and every block's last BN), one channel only in one branch (the union keeps it), and
+an inner channel whose conv row is zero but whose BN still adds a constant (must stay).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import sfp_onnx
+from sfp_onnx.runtime import create_session
+from tests.exports import ResidualNet, cifar_images, export, randomize_norms
+
+
+def _zero_bn(bn: torch.nn.BatchNorm2d, channels: list[int]) -> None:
+    bn.weight.data[channels] = 0
+    bn.bias.data[channels] = 0
+
+
+def _soft_pruned_net() -> ResidualNet:
+    torch.manual_seed(0)
+    net = randomize_norms(ResidualNet(width=8))
+    with torch.no_grad():
+        stream = [1, 5]  # zeroed in every producer of the stage-1 residual stream
+        for bn in (net.stem[1], net.block1.bn2, net.block2.bn2):
+            _zero_bn(bn, stream)
+        _zero_bn(net.block1.bn2, [3])  # only one branch: channel 3 is still used elsewhere
+        _zero_bn(net.block1.bn1, [0, 2, 4])  # inner channels of block1
+        net.block2.conv1.weight[6] = 0  # conv row zero, but its BN adds a constant: keep
+        _zero_bn(net.down.bn1, list(range(0, 16, 2)))  # half of the projection block's inner
+    return net
+
+
+def _conv_weights(path) -> dict[str, tuple[int, ...]]:
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
+    return {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+
+
+@pytest.mark.parametrize("variant", ["kept17", "fold13", "dynamo"])
+def test_slim_removes_exactly_the_zeroed_channels(tmp_path, variant):
+    source = export(_soft_pruned_net(), tmp_path / "net.onnx", variant, size=32)
+    out = tmp_path / "slim.onnx"
+
+    result = sfp_onnx.slim(source, out)
+
+    assert list(_conv_weights(out).values()) == [
+        (6, 3, 3, 3),  # stem: stream channels 1 and 5 go (zeroed in every branch)
+        (5, 6, 3, 3),  # block1.conv1: inner channels 0, 2, 4 go
+        (6, 5, 3, 3),  # block1.conv2: channel 3 stays, the other branches still use it
+        (8, 6, 3, 3),  # block2.conv1: channel 6 stays, its BN adds a constant
+        (6, 8, 3, 3),  # block2.conv2
+        (8, 6, 3, 3),  # down.conv1: half of the inner channels go
+        (16, 8, 3, 3),  # down.conv2
+        (16, 6, 1, 1),  # down.shortcut reads the slimmed stream
+        (10, 16),  # head: the graph output keeps its width
+    ]
+    images = cifar_images(count=16, size=32)
+    y_ref = create_session(source, provider="cpu").run(None, {"input": images})[0]
+    y_slim = create_session(out, provider="cpu").run(None, {"input": images})[0]
+    assert np.abs(y_ref - y_slim).max() <= 1e-4 * np.abs(y_ref).max()
+    assert sorted(g.kept for g in result.groups if g.kept < g.channels) == [5, 6, 8]
+
+
+def test_slim_of_an_unpruned_model_changes_nothing(tmp_path):
+    torch.manual_seed(0)
+    source = export(randomize_norms(ResidualNet(width=8)), tmp_path / "net.onnx", "kept17", 32)
+    out = tmp_path / "slim.onnx"
+    result = sfp_onnx.slim(source, out)
+    assert result.after.macs == result.before.macs
+    assert _conv_weights(out) == _conv_weights(source)
+
+
+def test_slim_keeps_one_channel_of_a_fully_zeroed_group(tmp_path):
+    torch.manual_seed(0)
+    net = randomize_norms(ResidualNet(width=8))
+    _zero_bn(net.block1.bn1, list(range(8)))
+    source = export(net, tmp_path / "net.onnx", "kept17", 32)
+    out = tmp_path / "slim.onnx"
+    sfp_onnx.slim(source, out)
+    widths = sorted(s[0] for s in _conv_weights(out).values())
+    assert widths[0] == 1
