@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sfp_onnx.errors import ExactnessError
+from sfp_onnx.errors import ExactnessError, UnsupportedModelError
 from sfp_onnx.runtime import create_session
 
 __all__ = ["DEFAULT_TOLERANCE", "Verification", "random_inputs", "verify_models"]
@@ -54,6 +54,14 @@ def _model_bytes(model: ir.Model | bytes | str) -> bytes | str:
     )
 
 
+def _session(model: ir.Model | bytes | str, label: str):
+    try:
+        return create_session(_model_bytes(model), provider="cpu")
+    except Exception as exc:  # onnxruntime raises its own exception types, one per failure
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot run {label}: {first}") from exc
+
+
 def random_inputs(session, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded standard-normal inputs for every graph input; symbolic dims become ``batch``."""
     rng = np.random.default_rng(seed)
@@ -84,8 +92,8 @@ def verify_models(
         seed: seed of the random inputs.
         description: what the inputs were, for the report (default: "random normal").
     """
-    ref = create_session(_model_bytes(reference), provider="cpu")
-    cand = create_session(_model_bytes(candidate), provider="cpu")
+    ref = _session(reference, "the reference model")
+    cand = _session(candidate, "the rewritten model")
     if feeds is None:
         feeds = [random_inputs(ref, batch=b, seed=seed + b) for b in (1, 2)]
         description = description or "random normal"
