@@ -464,7 +464,7 @@ RULES: dict[str, Rule] = {
     "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _matmul,
-    "BatchNormalization": _norm_params(("scale", "bias", "param", "param")),
+    "BatchNormalization": _norm_params(("scale", "bias", "mean", "param")),
     "InstanceNormalization": _norm_params(("scale", "bias")),
     "PRelu": _prelu,
     "Pad": _spatial_only(_pad_check),

@@ -29,12 +29,14 @@ __all__ = [
     "analyze_model",
 ]
 
-SliceKind = Literal["filter", "bias", "scale", "param", "input"]
+SliceKind = Literal["filter", "bias", "mean", "scale", "param", "input"]
 # filter: rows that create a channel (Conv weight dim 0, Gemm output rows): scored and zeroed.
-# bias / scale: additive and multiplicative per-channel terms after it: zeroed with the filter.
-# param: per-channel values that need no zeroing (BN mean/var, PRelu slope, depthwise weights).
+# bias: additive per-channel terms after it (conv bias, BN shift, added constants): zeroed.
+# mean: a BatchNorm's running mean: zeroed, so a zero channel leaves the norm as exactly 0.
+# scale: a norm's scale: kept, so a zeroed filter still gets gradients and can grow back.
+# param: per-channel values that need no zeroing (BN variance, PRelu slope, depthwise weights).
 # input: where a consumer reads the channel (Conv weight dim 1, Gemm input columns).
-ZEROED_KINDS: frozenset[str] = frozenset({"filter", "bias", "scale"})
+ZEROED_KINDS: frozenset[str] = frozenset({"filter", "bias", "mean"})
 
 
 @dataclass(frozen=True)

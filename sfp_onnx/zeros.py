@@ -260,8 +260,9 @@ def masked_arrays(
 ) -> dict[str, np.ndarray]:
     """Copies of the initializers with the given channels of each group zeroed.
 
-    Zeroes the filter rows, biases and norm scales (:data:`ZEROED_KINDS`) of each channel,
-    which makes it exactly zero at every consumer of a prunable group.
+    Zeroes the filter rows, biases and BatchNorm running means (:data:`ZEROED_KINDS`) of each
+    channel, which makes it exactly zero at every consumer of a prunable group while the norm
+    scale stays, so a zeroed filter still receives gradients.
     """
     initializers = model.graph.initializers
     arrays: dict[str, np.ndarray] = {}
