@@ -1,0 +1,31 @@
+"""Shared pytest fixtures: where the real test data lives.
+
+Keep this file to fixtures that several test modules use; a fixture used by one module belongs
+in that module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Real CIFAR-10 as an ImageFolder tree, beside the repository (see its README.txt).
+_DEFAULT_CIFAR10 = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
+
+
+@pytest.fixture(scope="session")
+def cifar10_root() -> Path:
+    """The CIFAR-10 ImageFolder tree (``train/<class>/*.png``, ``test/...``).
+
+    ``$SFP_ONNX_CIFAR10`` overrides the default ``../shared/data/cifar10``; tests that need the
+    images are skipped when it is absent.
+    """
+    root = Path(os.environ.get("SFP_ONNX_CIFAR10", _DEFAULT_CIFAR10))
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
+        pytest.skip(
+            f"real CIFAR-10 not found at {root}; set SFP_ONNX_CIFAR10 to a folder with "
+            "train/<class>/*.png and test/<class>/*.png"
+        )
+    return root
