@@ -21,7 +21,7 @@ __all__ = ["main"]
 class _Group(click.Group):
     """A click group that reports :class:`SfpError` as one line and a non-zero exit code."""
 
-    def invoke(self, ctx: click.Context):  # noqa: D102
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SfpError as exc:

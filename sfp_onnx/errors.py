@@ -14,6 +14,7 @@ __all__ = [
     "InvalidModelError",
     "OutputError",
     "SfpError",
+    "TrainingInterrupted",
     "UnsupportedModelError",
     "UsageError",
 ]
@@ -59,3 +60,9 @@ class OutputError(SfpError):
     """An output path cannot be written (read-only directory, full disk, same as input)."""
 
     exit_code = 6
+
+
+class TrainingInterrupted(SfpError):
+    """Training stopped by Ctrl-C or SIGTERM; the last completed epoch's checkpoint is kept."""
+
+    exit_code = 130

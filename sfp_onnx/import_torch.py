@@ -126,7 +126,9 @@ def _module_links(proto: onnx.ModelProto, module: torch.nn.Module) -> dict[str, 
             if tuple(view.shape) == onnx_value.shape and np.array_equal(
                 view.detach().cpu().numpy(), onnx_value
             ):
-                links[node.input[index]] = TensorLink(node.input[index], f"{node.name}.{attr}", transposed)
+                links[node.input[index]] = TensorLink(
+                    node.input[index], f"{node.name}.{attr}", transposed
+                )
     return links
 
 

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from sfp_onnx.errors import UsageError
 
-__all__ = ["PROVIDERS", "OPT_LEVELS", "create_session", "cuda_available", "resolve_providers"]
+__all__ = ["OPT_LEVELS", "PROVIDERS", "create_session", "cuda_available", "resolve_providers"]
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 OPT_LEVELS = {
@@ -86,7 +86,9 @@ def create_session(
             so idle sessions' threads do not busy-wait and steal time from the running one.
     """
     if opt_level not in OPT_LEVELS:
-        raise UsageError(f"unknown optimisation level {opt_level!r}; choose one of {list(OPT_LEVELS)}")
+        raise UsageError(
+            f"unknown optimisation level {opt_level!r}; choose one of {list(OPT_LEVELS)}"
+        )
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[opt_level]
     options.log_severity_level = 3

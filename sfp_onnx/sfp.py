@@ -8,9 +8,10 @@ the filter rows (and their own biases) only: a following BatchNorm still adds it
 is what lets gradients reach a zeroed filter through the ReLU after it (a channel that is
 exactly 0 before a ReLU gets no gradient at all). After the last epoch every producer slice
 of the chosen channels is zeroed (filters, biases, norm shifts and running means), so each is
-exactly 0 everywhere and the surgery removes it without changing the output. The rate may follow a schedule (constant as in SFP, or
-the asymptotic ramp of ASFP). Training itself is :mod:`sfp_onnx.train`; scoring and choosing
-are shared with one-shot pruning in :mod:`sfp_onnx.soft_prune`.
+exactly 0 everywhere and the surgery removes it without changing the output. The rate may
+follow a schedule (constant as in SFP, or the asymptotic ramp of ASFP). Training itself is
+:mod:`sfp_onnx.train`; scoring and choosing are shared with one-shot pruning in
+:mod:`sfp_onnx.soft_prune`.
 """
 
 from __future__ import annotations

@@ -89,13 +89,15 @@ class ResidualNet(nn.Module):
 
     def __init__(self, width: int = 8, num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.block1 = _Block(width, width)
         self.block2 = _Block(width, width)
         self.down = _Block(width, 2 * width, stride=2)
         self.head = nn.Linear(2 * width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.down(self.block2(self.block1(self.stem(x))))
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
@@ -113,7 +115,7 @@ class _Block(nn.Module):
             else nn.Identity()
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
         return torch.relu(y + self.shortcut(x))
 
@@ -126,7 +128,7 @@ def cifar10_root() -> Path:
     return Path(os.environ.get("SFP_ONNX_CIFAR10", default))
 
 
-def cifar_images(count: int = 16, size: int = 32) -> "np.ndarray":  # noqa: F821
+def cifar_images(count: int = 16, size: int = 32) -> np.ndarray:  # noqa: F821
     """``count`` real CIFAR-10 test images (classes in turn), normalised NCHW float32."""
     import numpy as np
     from PIL import Image

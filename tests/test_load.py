@@ -16,9 +16,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from sfp_onnx.cli.main import main
 
 import sfp_onnx
-from sfp_onnx.cli.main import main
 from sfp_onnx.runtime import create_session
 from tests.exports import ResidualNet, export, randomize_norms
 
@@ -60,7 +60,11 @@ def _write(path, proto: onnx.ModelProto):
 def _bad_inputs(tmp_path, good_model):
     yield "missing", tmp_path / "nope.onnx", "no such file"
     yield "empty", _touch(tmp_path / "empty.onnx", b""), "is empty"
-    yield "text", _touch(tmp_path / "notes.onnx", b"hello, this is not a model\n" * 50), "not an ONNX"
+    yield (
+        "text",
+        _touch(tmp_path / "notes.onnx", b"hello, this is not a model\n" * 50),
+        "not an ONNX",
+    )
     data = good_model.read_bytes()
     yield "truncated", _touch(tmp_path / "cut.onnx", data[: len(data) // 2]), "not an ONNX"
     mlp = helper.make_model(
@@ -75,8 +79,10 @@ def _bad_inputs(tmp_path, good_model):
     yield "quantized", _write(tmp_path / "q.onnx", _qdq_model()), "quantized"
     yield "new opset", _write(tmp_path / "op99.onnx", _conv_graph(opset=99)), "opset 99"
     external = _conv_graph()
-    onnx.save_model(external, str(tmp_path / "ext.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)  # fmt: skip
+    onnx.save_model(
+        external, str(tmp_path / "ext.onnx"), save_as_external_data=True,
+        all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0,
+    )  # fmt: skip
     (tmp_path / "ext.onnx.data").unlink()
     yield "external data missing", tmp_path / "ext.onnx", "ext.onnx.data, which is missing"
 
@@ -150,7 +156,9 @@ def _shared_bias_model() -> onnx.ModelProto:
     w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w2")
     bias = numpy_helper.from_array(np.zeros(8, np.float32), "shared_bias")
-    w3 = helper.make_tensor("w3", TensorProto.FLOAT, (4, 16, 1, 1), rng.standard_normal(64).tolist())
+    w3 = helper.make_tensor(
+        "w3", TensorProto.FLOAT, (4, 16, 1, 1), rng.standard_normal(64).tolist()
+    )
     nodes = [
         helper.make_node("Conv", ["x", "w1", "shared_bias"], ["a"], name="c1", pads=[1] * 4),
         helper.make_node("Identity", ["w2"], ["w2_id"], name="id"),

@@ -6,6 +6,7 @@ Its stage-1 residual group couples the stem conv and both blocks' second convs.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -36,7 +37,9 @@ def _channel_zero(imp, group, index: int) -> bool:
         if piece.kind in ("filter", "bias", "mean"):
             tensor = imp.tensor(piece.tensor)
             moved = tensor.movedim(piece.axis, 0)
-            rows = moved[piece.offset + index * piece.block : piece.offset + (index + 1) * piece.block]
+            rows = moved[
+                piece.offset + index * piece.block : piece.offset + (index + 1) * piece.block
+            ]
             if rows.abs().sum() != 0:
                 return False
     return True
@@ -55,7 +58,9 @@ def test_import_matches_onnxruntime_and_links_every_pruned_weight(imported):
     assert needed <= set(imp.links)
     trainable = {id(p) for p in imp.module.parameters()}
     filters = [imp.tensor(p.tensor) for g in analysis.prunable_groups for p in g.filters]
-    assert all(t.requires_grad and id(t._base if t._base is not None else t) in trainable for t in filters)
+    assert all(
+        t.requires_grad and id(t._base if t._base is not None else t) in trainable for t in filters
+    )
 
 
 def test_coupled_producers_carry_identical_masks(imported):
@@ -102,7 +107,7 @@ def test_zeroed_filters_regrow_after_training_steps(imported):
 def test_rate_schedules():
     assert [rate_at(e, 8, 0.4) for e in (1, 4, 8)] == [0.4, 0.4, 0.4]
     ramp = [rate_at(e, 8, 0.4, "asymptotic") for e in range(1, 9)]
-    assert all(a < b for a, b in zip(ramp, ramp[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(ramp))
     assert ramp[1] == pytest.approx(0.3)  # 3/4 of the rate a quarter of the way through
     assert ramp[-1] == 0.4
 

@@ -1,0 +1,214 @@
+"""``sfp-onnx compress``: SFP fine-tuning of an ONNX classifier, written as a smaller exact ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from sfp_onnx.cli._render import console, render_report
+
+__all__ = ["compress"]
+
+
+class _TrainingBars:
+    """Renders the training loop's progress events as rich progress bars."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+        self.kept = ""
+
+    def __call__(self, event) -> None:
+        kind = getattr(event, "kind", "")
+        if kind == "batch":
+            total = getattr(event, "total", None)
+            if self.task is None:
+                self.task = self.progress.add_task("", total=total)
+            desc = (
+                f"epoch {event.epoch} loss {event.loss:.3f} acc {event.accuracy:.1%} "
+                f"lr {event.lr:.4f}{self.kept}"
+            )
+            self.progress.update(self.task, completed=event.step, total=total, description=desc)
+        elif kind == "epoch":
+            extra = getattr(event, "extra", None) or {}
+            if "kept_channels" in extra:
+                self.kept = f" kept {extra['kept_channels']}/{extra['channels']}"
+            acc = getattr(event, "eval_accuracy", None)
+            if acc is None:
+                acc = getattr(event, "accuracy", None)
+            self.progress.console.print(
+                f"epoch {event.epoch}: loss {getattr(event, 'loss', float('nan')):.4f}"
+                + (f", test accuracy {acc:.2%}" if acc is not None else "")
+                + self.kept
+            )
+            if self.task is not None:
+                self.progress.reset(self.task)
+        elif getattr(event, "message", None):
+            self.progress.console.print(event.message)
+
+
+def _floats(value: str | None) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value.replace(",", " ").split())
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the slim model.",
+)
+@click.option(
+    "--rate",
+    required=True,
+    type=float,
+    help="Fraction of each group's channels to prune, in [0, 1).",
+)
+@click.option(
+    "--data",
+    "data_name",
+    type=click.Choice(["cifar10", "cifar100", "imagefolder"]),
+    default="cifar10",
+    show_default=True,
+    help="Training data. cifar10/cifar100 download through torchvision unless --data-root "
+    "holds them.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(),
+    help="Dataset folder: an ImageFolder tree with train/ and test/, or torchvision's CIFAR files.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Fine-tuning epochs (SFP prunes at each epoch end).",
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Initial learning rate (SGD, Nesterov momentum 0.9).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option(
+    "--lr-schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["l2", "l1", "fpgm"]),
+    default="l2",
+    show_default=True,
+    help="Filter importance: L2 norm (SFP), L1 norm or FPGM (geometric median).",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["constant", "asymptotic"]),
+    default="constant",
+    show_default=True,
+    help="Pruning rate over epochs: constant (SFP) or an exponential ramp to --rate (ASFP).",
+)
+@click.option(
+    "--round-to",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep a multiple of K channels per group.",
+)
+@click.option(
+    "--independent-layers",
+    is_flag=True,
+    help="Reference-code mode: each layer picks its own filters (union at surgery).",
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--workdir", type=click.Path(file_okay=False), help="Checkpoint folder (default: OUTPUT.work)."
+)
+@click.option("--resume", is_flag=True, help="Continue the run saved in --workdir.")
+@click.option(
+    "--train-limit",
+    type=click.IntRange(min=1),
+    help="Train on a seeded class-balanced subset of N images.",
+)
+@click.option(
+    "--eval-limit",
+    type=click.IntRange(min=1),
+    help="Evaluate on a seeded class-balanced subset of N images.",
+)
+@click.option("--mean", help="Normalisation mean, 3 values (default: the dataset's preset).")
+@click.option("--std", help="Normalisation std, 3 values (default: the dataset's preset).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Data loader processes.",
+)
+@click.option(
+    "--save-masked", type=click.Path(dir_okay=False), help="Also write the zeroed, unsliced model."
+)
+@click.option(
+    "--report", type=click.Path(dir_okay=False), help="Also write the report as JSON here."
+)
+@click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
+def compress(
+    model, output, rate, data_name, data_root, epochs, lr, batch_size, weight_decay,
+    lr_schedule, criterion, schedule, round_to, independent_layers, device, workdir, resume,
+    train_limit, eval_limit, mean, std, seed, workers, save_masked, report, no_bench,
+) -> None:  # fmt: skip
+    """Fine-tune MODEL with Soft Filter Pruning and write a smaller, exact ONNX.
+
+    \b
+    1. measures MODEL's accuracy in onnxruntime on the test set;
+    2. imports it into PyTorch and checks the import against onnxruntime;
+    3. fine-tunes for --epochs; at each epoch end zeroes the lowest-importance channels of
+       every prunable group (they may grow back next epoch);
+    4. removes the channels zeroed at the end, checks OUTPUT against the masked model on
+       real images, and measures accuracy, MACs, parameters and latency before and after.
+    Checkpoints go to --workdir every epoch; Ctrl-C stops cleanly and --resume continues.
+    """
+    from sfp_onnx.data import DataConfig
+    from sfp_onnx.pipeline import CompressOptions
+    from sfp_onnx.pipeline import compress as run_compress
+    from sfp_onnx.sfp import SfpConfig
+    from sfp_onnx.train import TrainConfig
+
+    data = DataConfig(
+        name=data_name, root=data_root, mean=_floats(mean), std=_floats(std),
+        train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+    )  # fmt: skip
+    sfp = SfpConfig(rate=rate, criterion=criterion, schedule=schedule, round_to=round_to,
+                    independent_layers=independent_layers)  # fmt: skip
+    training = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        schedule=lr_schedule, device=device, seed=seed, workers=workers,
+    )  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+    ) as progress:  # fmt: skip
+        options = CompressOptions(
+            workdir=Path(workdir) if workdir else None, resume=resume, save_masked=save_masked,
+            report=report, bench=not no_bench, progress=_TrainingBars(progress),
+        )  # fmt: skip
+        result = run_compress(model, output, sfp=sfp, data=data, training=training, options=options)
+    render_report(result)
+    accuracy = result.extra["accuracy"]
+    console.print(
+        f"top-1 accuracy: {accuracy['before']:.2%} -> {accuracy['after']:.2%} "
+        f"on {result.extra['eval_samples']} test images"
+    )
+    if "latency_ms" in result.extra:
+        lat = result.extra["latency_ms"]
+        console.print(
+            f"onnxruntime latency (batch 1, p50): {lat['before']:.2f} ms -> {lat['after']:.2f} ms "
+            f"({lat['before'] / lat['after']:.2f}x)"
+        )

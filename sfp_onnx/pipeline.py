@@ -1,0 +1,184 @@
+"""The whole job: ONNX in, SFP fine-tuning, a smaller exact ONNX out, measured.
+
+This module owns the ``compress`` flow and only strings the stages together: load and
+analyze the ONNX graph, open the data, measure the input's accuracy in onnxruntime, import
+into torch (checked against onnxruntime), fine-tune with the SFP epoch-end step, write the
+trained and masked weights back into the graph, hand it to the exact surgery, then measure
+the written file: accuracy, agreement with the torch model, MACs, parameters and latency.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sfp_onnx._io import write_json
+from sfp_onnx.analyze import analyze_model
+from sfp_onnx.api import _check_outputs, write_pruned
+from sfp_onnx.data import DataConfig, check_num_classes, create_loader, load_datasets
+from sfp_onnx.errors import UnsupportedModelError, UsageError
+from sfp_onnx.evaluate import evaluate_onnx, read_signature
+from sfp_onnx.import_torch import ImportedModel, import_model, write_back
+from sfp_onnx.load import load_model
+from sfp_onnx.report import Report
+from sfp_onnx.runtime import create_session
+from sfp_onnx.sfp import SCHEDULES, SfpConfig, SoftFilterPruner
+from sfp_onnx.soft_prune import CRITERIA
+from sfp_onnx.train import TrainConfig, train
+
+__all__ = ["CompressOptions", "compress"]
+
+PathLike = str | os.PathLike
+# Real test images used for the exactness checks (torch vs onnxruntime, slim vs masked).
+CHECK_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Where ``compress`` keeps its work and what else it writes."""
+
+    workdir: Path | None = None  # checkpoints; default: <output>.work/ beside the output
+    resume: bool = False  # continue the run saved in workdir
+    save_masked: PathLike | None = None  # also write the zeroed, unsliced model
+    report: PathLike | None = None  # also write the report JSON
+    bench: bool = True  # measure onnxruntime latency before/after
+    progress: Callable[[object], None] | None = field(default=None, compare=False)
+
+
+def compress(
+    model: PathLike,
+    output: PathLike,
+    *,
+    sfp: SfpConfig,
+    data: DataConfig,
+    training: TrainConfig | None = None,
+    options: CompressOptions | None = None,
+) -> Report:
+    """Fine-tune ``model`` with Soft Filter Pruning on ``data`` and write the slim model.
+
+    Returns:
+        The report: MACs, parameters, file size, accuracy and latency before and after, the
+        exactness check on real images, and the training history.
+    """
+    training = training or TrainConfig()
+    options = options or CompressOptions()
+    _validate(sfp)
+    _check_outputs(model, output, options.report, options.save_masked)
+    workdir = Path(options.workdir or f"{output}.work")
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    masked = load_model(model)
+    analysis = analyze_model(masked)
+    signature = read_signature(model)
+    datasets = load_datasets(data, signature.input_size[1:], channels=signature.input_size[0])
+    check_num_classes(signature.num_classes, datasets)
+    before = evaluate_onnx(model, datasets.test, num_classes=datasets.num_classes)
+    check_images = _real_batch(datasets.test, training.seed)
+
+    imported = import_model(masked)
+    _check_import(imported, model, check_images)
+    pruner = SoftFilterPruner(imported, analysis.groups, sfp)
+    history = train(
+        imported.module,
+        datasets.train,
+        datasets.test,
+        training,
+        workdir=workdir,
+        resume=options.resume,
+        on_epoch_end=lambda epoch, _module: pruner.step(epoch, training.epochs),
+        on_progress=options.progress,
+        settings=_settings(model, sfp, data),
+    )
+    imported.module.to("cpu").eval()
+    write_back(imported, masked)
+    result = write_pruned(
+        masked,
+        analysis,
+        source=model,
+        output=output,
+        command="compress",
+        settings={**asdict(sfp), "epochs": training.epochs},
+        save_masked=options.save_masked,
+        verify_feeds=[{signature.input_name: check_images}],
+        verify_description=f"real {data.name} test",
+    )
+    after = evaluate_onnx(output, datasets.test, num_classes=datasets.num_classes)
+    extra = {
+        "accuracy": {"before": before.top1, "after": after.top1},
+        "accuracy_top5": {"before": before.top5, "after": after.top5},
+        "eval_samples": after.samples,
+        "torch_agreement": _torch_agreement(imported, output, check_images),
+        "training": {
+            "epochs": [asdict(e) for e in history.epochs],
+            "seconds": history.seconds,
+            "device": history.device,
+            "resumed_from": history.resumed_from,
+        },
+    }
+    if options.bench:
+        extra["latency_ms"] = _latency(model, output)
+    result = replace(result, extra=extra)
+    if options.report is not None:
+        write_json(options.report, result.to_json())
+    return result
+
+
+def _validate(sfp: SfpConfig) -> None:
+    if not 0.0 <= sfp.rate < 1.0:
+        raise UsageError(f"--rate must be in [0, 1), got {sfp.rate}")
+    if sfp.criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {sfp.criterion!r}")
+    if sfp.schedule not in SCHEDULES:
+        raise UsageError(f"unknown schedule {sfp.schedule!r}")
+
+
+def _settings(model: PathLike, sfp: SfpConfig, data: DataConfig) -> dict:
+    """What must match for ``--resume`` to continue a run."""
+    return {"model": str(Path(model).resolve()), **asdict(sfp), "data": data.name,
+            "train_limit": data.train_limit, "seed": data.seed}  # fmt: skip
+
+
+def _real_batch(dataset, seed: int) -> np.ndarray:
+    loader = create_loader(dataset, batch_size=CHECK_IMAGES, shuffle=False, seed=seed, workers=0)
+    images, _ = next(iter(loader))
+    return images.numpy().astype(np.float32)
+
+
+def _check_import(imported: ImportedModel, model: PathLike, images: np.ndarray) -> None:
+    session = create_session(model, provider="cpu")
+    reference = session.run(None, {session.get_inputs()[0].name: images})[0]
+    with torch.no_grad():
+        ours = imported.module.eval()(torch.from_numpy(images)).numpy()
+    diff = float(np.abs(ours - reference).max())
+    if diff > 1e-4 * max(float(np.abs(reference).max()), 1e-12):
+        raise UnsupportedModelError(
+            f"the model imported into PyTorch differs from onnxruntime by {diff:.3g} on real "
+            "images; it cannot be fine-tuned faithfully"
+        )
+
+
+def _torch_agreement(imported: ImportedModel, output: PathLike, images: np.ndarray) -> dict:
+    """The slim file in onnxruntime against the trained, masked torch model."""
+    session = create_session(output, provider="cpu")
+    slim = session.run(None, {session.get_inputs()[0].name: images})[0]
+    with torch.no_grad():
+        ours = imported.module.eval()(torch.from_numpy(images)).numpy()
+    return {
+        "max_abs_diff": float(np.abs(ours - slim).max()),
+        "max_abs_reference": float(np.abs(ours).max()),
+        "top1_agreement": float((ours.argmax(1) == slim.argmax(1)).mean()),
+        "images": int(images.shape[0]),
+    }
+
+
+def _latency(model: PathLike, output: PathLike) -> dict:
+    from sfp_onnx.bench import BenchConfig, benchmark
+
+    report = benchmark([model, output], BenchConfig(batch_sizes=(1,), warmup=5, runs=30))
+    before, after = report.results[0], report.results[1]
+    return {"before": before.latency_ms["p50"], "after": after.latency_ms["p50"], "batch_size": 1}

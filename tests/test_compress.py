@@ -1,0 +1,130 @@
+"""`compress` end to end: a CIFAR ResNet ONNX fine-tuned with SFP on real CIFAR-10 images.
+
+Graph case: ResNet-8 from sfp_onnx.zoo (projection shortcuts, BN kept), exported inside the
+test; real CIFAR-10 subsets from ../shared/data/cifar10. Also: stopping in the middle and
+resuming gives the same model as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from sfp_onnx.cli.main import main
+
+import sfp_onnx
+from sfp_onnx.data import DataConfig
+from sfp_onnx.errors import TrainingInterrupted
+from sfp_onnx.measure import measure_model
+from sfp_onnx.pipeline import CompressOptions
+from sfp_onnx.runtime import create_session
+from sfp_onnx.sfp import SfpConfig
+from sfp_onnx.train import TrainConfig
+from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+from tests.exports import cifar10_root
+
+
+@pytest.fixture(scope="module")
+def resnet8(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("compress") / "resnet8.onnx"
+    export_onnx(create_cifar_resnet(8), path)
+    return path
+
+
+def _data(**overrides) -> DataConfig:
+    if not cifar10_root().exists():
+        pytest.skip("real CIFAR-10 not found (set SFP_ONNX_CIFAR10)")
+    settings = {"train_limit": 400, "eval_limit": 200, "seed": 0, **overrides}
+    return DataConfig("cifar10", root=str(cifar10_root()), **settings)
+
+
+def _weights(path) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_compress_cli_end_to_end(resnet8, tmp_path):
+    out, masked, report = tmp_path / "slim.onnx", tmp_path / "masked.onnx", tmp_path / "r.json"
+    before = resnet8.read_bytes()
+    args = [
+        "compress", str(resnet8), "--rate", "0.3", "--data", "cifar10",
+        "--data-root", str(cifar10_root()), "--epochs", "2", "--train-limit", "400",
+        "--eval-limit", "200", "--workers", "0", "--lr", "0.05", "-o", str(out),
+        "--save-masked", str(masked), "--report", str(report), "--workdir", str(tmp_path / "w"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "top-1 accuracy" in result.output and "exact" in result.output
+    assert resnet8.read_bytes() == before
+    onnx.checker.check_model(str(out), full_check=True)
+    src, dst = onnx.load(str(resnet8)).graph, onnx.load(str(out)).graph
+    assert [(v.name, v.type) for v in src.input] == [(v.name, v.type) for v in dst.input]
+    assert [(v.name, v.type) for v in src.output] == [(v.name, v.type) for v in dst.output]
+    data = json.loads(report.read_text())
+    assert 1 - data["flops"]["after"] / data["flops"]["before"] >= 0.40
+    assert data["flops"]["after"] == measure_model(out).macs
+    assert data["verification"]["exact"] and data["verification"]["inputs"].startswith("real")
+    assert len(data["training"]["epochs"]) == 2
+    # exact against --save-masked on real images
+    from tests.exports import cifar_images
+
+    images = cifar_images(count=32, size=32)
+    y_masked = create_session(masked, provider="cpu").run(None, {"input": images})[0]
+    y_slim = create_session(out, provider="cpu").run(None, {"input": images})[0]
+    assert np.abs(y_masked - y_slim).max() <= 1e-4 * np.abs(y_masked).max()
+    # the reported accuracy is what `eval` measures on the same images
+    evaluated = CliRunner().invoke(
+        main,
+        ["eval", str(out), "--data", "cifar10", "--data-root", str(cifar10_root()),
+         "--limit", "200", "--workers", "0", "--json", str(tmp_path / "eval.json")],
+    )  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] == data["accuracy"]["after"]
+
+
+def test_resumed_run_equals_uninterrupted_run(resnet8, tmp_path):
+    sfp = SfpConfig(rate=0.3)
+    training = TrainConfig(epochs=3, lr=0.05, workers=0, seed=1)
+    full = tmp_path / "full.onnx"
+    sfp_onnx.compress(
+        resnet8, full, sfp=sfp, data=_data(), training=training,
+        options=CompressOptions(workdir=tmp_path / "w1", bench=False),
+    )  # fmt: skip
+
+    def stop_in_epoch_two(event) -> None:
+        if getattr(event, "kind", "") == "batch" and event.epoch == 2:
+            raise KeyboardInterrupt
+
+    stopped = tmp_path / "resumed.onnx"
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        sfp_onnx.compress(
+            resnet8, stopped, sfp=sfp, data=_data(), training=training,
+            options=CompressOptions(
+                workdir=tmp_path / "w2", bench=False, progress=stop_in_epoch_two
+            ),
+        )  # fmt: skip
+    assert not stopped.exists(), "an interrupted run writes no model"
+    report = sfp_onnx.compress(
+        resnet8, stopped, sfp=sfp, data=_data(), training=training,
+        options=CompressOptions(workdir=tmp_path / "w2", bench=False, resume=True),
+    )  # fmt: skip
+    assert report.extra["training"]["resumed_from"] == 1
+    a, b = _weights(full), _weights(stopped)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a), "same masks and weights"
+
+
+def test_class_count_mismatch_is_one_line(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "r8_100.onnx"
+    export_onnx(create_cifar_resnet(8, num_classes=100), path)
+    args = ["compress", str(path), "--rate", "0.3", "--data", "cifar10",
+            "--data-root", str(cifar10_root()), "-o", str(tmp_path / "o.onnx")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert "100" in result.output and "10 classes" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
