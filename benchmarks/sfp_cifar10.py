@@ -71,14 +71,14 @@ def fine_tune(model: Path, output: Path, rate: float, args, work: Path) -> dict:
             root=args.data_root,
             train_limit=args.train_limit,
             eval_limit=args.eval_limit,
-        ),  # fmt: skip
+        ),
         training=TrainConfig(
             epochs=args.epochs,
             lr=args.lr,
             batch_size=args.batch_size,
             device=args.device,
             workers=args.workers,
-        ),  # fmt: skip
+        ),
         options=CompressOptions(workdir=work / f"{output.stem}.work", bench=False),
     )
     history = report.extra["training"]["epochs"]
