@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -131,8 +132,20 @@ def check_model_proto(model: onnx.ModelProto, name: str) -> None:
         raise UnsupportedModelError(
             f"{name} has no Conv node; sfp-onnx prunes convolutional networks"
         )
-    if any(t.data_type not in _FLOAT_TYPES for t in model.graph.initializer if t.dims):
-        pass  # integer initializers (shapes, indices) are normal; only float weights are pruned
+    _check_finite(model, name)
+
+
+def _check_finite(model: onnx.ModelProto, name: str) -> None:
+    """NaN or Inf weights make every comparison meaningless; refuse them up front."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        array = onnx.numpy_helper.to_array(tensor)
+        if not np.isfinite(array).all():
+            bad = "NaN" if np.isnan(array).any() else "Inf"
+            raise InvalidModelError(
+                f"{name}: weight {tensor.name!r} contains {bad} values; fix the model first"
+            )
 
 
 _FLOAT_TYPES = frozenset(

@@ -70,17 +70,16 @@ def compress(
     _validate(sfp)
     _check_outputs(model, output, options.report, options.save_masked)
     workdir = Path(options.workdir or f"{output}.work")
-    workdir.mkdir(parents=True, exist_ok=True)
 
     masked = load_model(model)
     analysis = analyze_model(masked)
+    imported = import_model(masked)  # fails fast, naming every op that cannot be imported
     signature = read_signature(model)
     datasets = load_datasets(data, signature.input_size[1:], channels=signature.input_size[0])
     check_num_classes(signature.num_classes, datasets)
     before = evaluate_onnx(model, datasets.test, num_classes=datasets.num_classes)
     check_images = _real_batch(datasets.test, training.seed)
 
-    imported = import_model(masked)
     _check_import(imported, model, check_images)
     pruner = SoftFilterPruner(imported, analysis.groups, sfp)
     history = train(

@@ -128,3 +128,68 @@ def test_class_count_mismatch_is_one_line(tmp_path):
     assert result.exit_code != 0
     assert "100" in result.output and "10 classes" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
+
+
+def _cli_error(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--data-root", "/nonexistent/cifar"], "does not exist"),
+        (["--mean", "0.5 0.5"], "mean has 2 values"),
+        (["--std", "0.2 0 0.2"], "std"),
+        (["--rate", "1.5"], "rate must be in [0, 1)"),
+    ],
+)
+def test_bad_compress_inputs_give_one_line(resnet8, tmp_path, extra, expected):
+    out = tmp_path / "o.onnx"
+    args = ["compress", str(resnet8), "--rate", "0.3", "--data", "cifar10",
+            "--data-root", str(cifar10_root()), "-o", str(out), *extra]  # fmt: skip
+    before = resnet8.read_bytes()
+    assert expected in _cli_error(args)
+    assert not out.exists() and resnet8.read_bytes() == before
+
+
+def test_empty_data_folder_is_refused(resnet8, tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = ["compress", str(resnet8), "--rate", "0.3", "--data", "imagefolder",
+            "--data-root", str(tmp_path / "empty"), "-o", str(tmp_path / "o.onnx")]  # fmt: skip
+    assert "empty" in _cli_error(args)
+
+
+def test_unsupported_op_stops_compress_before_training(tmp_path):
+    """A Conv classifier with an op onnx2torch cannot convert (Shrink): one line naming it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "fc")
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], pads=[1] * 4),
+        helper.make_node("Shrink", ["c"], ["s"], lambd=0.1),
+        helper.make_node("GlobalAveragePool", ["s"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "shrink",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [w, fc],
+    )  # fmt: skip
+    path = tmp_path / "shrink.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path.write_bytes(model.SerializeToString())
+    args = ["compress", str(path), "--rate", "0.3", "--data", "cifar10", "--eval-limit", "20",
+            "--data-root", str(cifar10_root()), "-o", str(tmp_path / "o.onnx"),
+            "--workers", "0"]  # fmt: skip
+    line = _cli_error(args)
+    assert "Shrink-17" in line and "prune still work" in line
+    assert not (tmp_path / "o.onnx").exists()

@@ -85,6 +85,11 @@ def _bad_inputs(tmp_path, good_model):
     )  # fmt: skip
     (tmp_path / "ext.onnx.data").unlink()
     yield "external data missing", tmp_path / "ext.onnx", "ext.onnx.data, which is missing"
+    nan = _conv_graph()
+    nan.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.full((4, 3, 1, 1), np.nan, np.float32), "w")
+    )
+    yield "nan weights", _write(tmp_path / "nan.onnx", nan), "contains NaN"
 
 
 def _touch(path, data: bytes):
