@@ -55,6 +55,12 @@ def render_report(report: Report) -> None:
         f"channels kept {sum(g.kept for g in prunable)}/{sum(g.channels for g in prunable)} "
         "in prunable groups"
     )
+    if pruned:
+        rates = [g.realised_rate for g in pruned]
+        console.print(
+            f"realised rate in the {len(pruned)} slimmed groups: "
+            f"{min(rates):.1%}–{max(rates):.1%} (min–max)"
+        )
     console.print(
         f"exactness: max |Δ| = {v.max_abs_diff:.2e} (max |y| {v.max_abs_reference:.2e}) "
         f"on {v.samples} {v.inputs} inputs — {'exact' if v.exact else 'NOT exact'}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from rich.table import Table
+from sfp_onnx.cli._options import ROUND_TO
 from sfp_onnx.cli._render import console, human, render_report, status
 
 import sfp_onnx
@@ -112,9 +113,13 @@ def slim(model: str, output: str, report: str | None) -> None:
 )
 @click.option(
     "--round-to",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Keep a multiple of K channels per group (fast CPU kernels like 8 or 16).",
+    type=ROUND_TO,
+    default="auto",
+    show_default=True,
+    metavar="K|auto|none",
+    help="Keep a multiple of K channels per group (the kept count is rounded to the nearest "
+    "multiple; groups narrower than K stay whole). auto: what this machine's fast kernels "
+    "want (16 on a CPU with AVX-512, else 8; 8 with a CUDA GPU); none: floor(RATE x C) exactly.",
 )
 @click.option(
     "--save-masked",
@@ -122,13 +127,15 @@ def slim(model: str, output: str, report: str | None) -> None:
     help="Also write the zeroed, unsliced model (the reference OUT is checked against).",
 )
 @_report_opt
-def prune(model: str, output: str, rate: float, criterion: str, round_to: int | None,
+def prune(model: str, output: str, rate: float, criterion: str, round_to: int | str | None,
           save_masked: str | None, report: str | None) -> None:  # fmt: skip
     """One-shot pruning without training: zero the weakest channels, then slim.
 
     Per prunable group, each channel index is scored over all coupled filters (summed), the
-    lowest floor(RATE x C) are zeroed (never all), and the zeroed channels are removed. For
-    accuracy, fine-tune with `sfp-onnx compress` instead.
+    lowest floor(RATE x C) are zeroed (never all; by default adjusted so that the kept count
+    suits this machine's kernels, see --round-to), and the zeroed channels are removed. The
+    summary shows the rate each group really got. For accuracy, fine-tune with
+    `sfp-onnx compress` instead.
     """
     with status("pruning"):
         result = sfp_onnx.prune(

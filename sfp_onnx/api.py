@@ -25,6 +25,7 @@ from sfp_onnx.measure import count_layer_costs, measure_model
 from sfp_onnx.report import AnalysisReport, Report, summarize_group
 from sfp_onnx.rewrite import rewrite_model
 from sfp_onnx.soft_prune import CRITERIA, soft_prune_model
+from sfp_onnx.target import resolve_round_to
 from sfp_onnx.verify import verify_models
 from sfp_onnx.zeros import removable_channels
 
@@ -77,7 +78,7 @@ def prune(
     *,
     rate: float,
     criterion: str = "l2",
-    round_to: int | None = None,
+    round_to: int | str | None = None,
     save_masked: PathLike | None = None,
     report: PathLike | None = None,
 ) -> Report:
@@ -88,7 +89,9 @@ def prune(
         output: where the slim model goes.
         rate: fraction of each prunable group's channels to remove, in [0, 1).
         criterion: ``l2`` (SFP's default), ``l1`` or ``fpgm``.
-        round_to: keep a multiple of this many channels per group (fast kernels want 8/16).
+        round_to: keep a multiple of this many channels per group (fast kernels want 8/16);
+            ``"auto"``: the multiple this machine's fast kernels want (see
+            :func:`sfp_onnx.target.resolve_round_to`); None: no rounding.
         save_masked: also write the zeroed, unsliced model (the exactness reference).
         report: also write the report JSON here.
     """
@@ -96,13 +99,14 @@ def prune(
         raise UsageError(f"--rate must be in [0, 1), got {rate}")
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if round_to is not None and round_to < 1:
-        raise UsageError(f"--round-to must be a positive integer, got {round_to}")
+    multiple = resolve_round_to(round_to)
     _check_outputs(model, output, report, save_masked)
     masked = load_model(model)
     analysis = analyze_model(masked)
-    soft_prune_model(masked, analysis.groups, rate=rate, criterion=criterion, round_to=round_to)
-    settings = {"rate": rate, "criterion": criterion, "round_to": round_to}
+    soft_prune_model(masked, analysis.groups, rate=rate, criterion=criterion, round_to=multiple)
+    settings = {"rate": rate, "criterion": criterion, "round_to": multiple}
+    if round_to == "auto":
+        settings["round_to_requested"] = "auto"
     return write_pruned(
         masked,
         analysis,
@@ -126,6 +130,7 @@ def write_pruned(
     report: PathLike | None = None,
     save_masked: PathLike | None = None,
     verify_feeds: list[dict[str, np.ndarray]] | None = None,
+    verify_description: str | None = None,
     extra: Mapping[str, object] | None = None,
 ) -> Report:
     """Slim a masked model, verify it against the masked one, write both, measure, report.
@@ -143,7 +148,9 @@ def write_pruned(
         "sfp_onnx.source": Path(source).name,
     }
     slim_model.metadata_props.update(provenance)
-    verification = verify_models(masked, slim_model, feeds=verify_feeds)
+    verification = verify_models(
+        masked, slim_model, feeds=verify_feeds, description=verify_description
+    )
     if not verification.exact:
         raise ExactnessError(
             f"the rewritten model differs from the masked one by {verification.max_abs_diff:.3g} "

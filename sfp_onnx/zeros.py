@@ -212,7 +212,14 @@ def find_zero_channels(
             return overrides[value.name]
         return None if value.const_value is None else value.const_value.numpy()
 
-    zeros: dict[str, Vector] = {}
+    # Graph inputs are never known to be zero. Seeding them (rather than leaving them out)
+    # lets every rule read a vector for each tracked input: a Concat of the raw input with a
+    # conv's output (DenseNet-style) used to crash on the missing one.
+    zeros: dict[str, Vector] = {
+        value.name: np.zeros(analysis.layouts[value.name].channels, dtype=bool)
+        for value in model.graph.inputs
+        if value.name in analysis.layouts
+    }
     for node in model.graph:
         for out in node.outputs:
             layout = analysis.layouts.get(out.name)
