@@ -29,7 +29,8 @@ from sfp_onnx.report import Report
 from sfp_onnx.runtime import create_session
 from sfp_onnx.sfp import SCHEDULES, SfpConfig, SoftFilterPruner
 from sfp_onnx.soft_prune import CRITERIA
-from sfp_onnx.train import TrainConfig, train
+from sfp_onnx.target import resolve_round_to
+from sfp_onnx.train import TrainConfig, resolve_device, train
 
 __all__ = ["CompressOptions", "compress"]
 
@@ -68,6 +69,9 @@ def compress(
     training = training or TrainConfig()
     options = options or CompressOptions()
     _validate(sfp)
+    if isinstance(sfp.round_to, str):
+        target = "cuda" if resolve_device(training.device).type == "cuda" else "cpu"
+        sfp = replace(sfp, round_to=resolve_round_to(sfp.round_to, target))
     _check_outputs(model, output, options.report, options.save_masked)
     workdir = Path(options.workdir or f"{output}.work")
 

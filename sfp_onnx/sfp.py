@@ -46,7 +46,7 @@ class SfpConfig:
     rate: float  # final fraction of each group's channels zeroed (the paper's P)
     criterion: str = "l2"  # l2 (SFP) | l1 | fpgm
     schedule: str = "constant"  # constant (SFP) | asymptotic (ASFP ramp to `rate`)
-    round_to: int | None = None  # keep a multiple of K channels per group
+    round_to: int | str | None = None  # keep a multiple of K channels per group; "auto"
     independent_layers: bool = False  # reference code's per-layer choice (union at surgery)
 
 

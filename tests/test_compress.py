@@ -54,6 +54,7 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
         "compress", str(resnet8), "--rate", "0.3", "--data", "cifar10",
         "--data-root", str(cifar10_root()), "--epochs", "2", "--train-limit", "400",
         "--eval-limit", "200", "--workers", "0", "--lr", "0.05", "-o", str(out),
+        "--round-to", "none",
         "--save-masked", str(masked), "--report", str(report), "--workdir", str(tmp_path / "w"),
     ]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
@@ -193,3 +194,16 @@ def test_unsupported_op_stops_compress_before_training(tmp_path):
     line = _cli_error(args)
     assert "Shrink-17" in line and "prune still work" in line
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_round_to_auto_is_resolved_and_recorded(resnet8, tmp_path):
+    report = sfp_onnx.compress(
+        resnet8, tmp_path / "slim.onnx", sfp=SfpConfig(rate=0.3, round_to="auto"),
+        data=_data(train_limit=100, eval_limit=50), training=TrainConfig(epochs=1, workers=0),
+        options=CompressOptions(workdir=tmp_path / "w", bench=False),
+    )  # fmt: skip
+    from sfp_onnx.target import resolve_round_to
+
+    multiple = resolve_round_to("auto", "cpu")
+    assert report.settings["round_to"] == multiple
+    assert all(g.kept % multiple == 0 for g in report.groups if g.kept < g.channels)
