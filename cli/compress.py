@@ -163,10 +163,17 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
     "--report", type=click.Path(dir_okay=False), help="Also write the report as JSON here."
 )
 @click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
+@click.option(
+    "--external-data",
+    is_flag=True,
+    default=None,
+    help="Write the weights to OUTPUT.data beside the model (automatic above 1.8 GB).",
+)
 def compress(
     model, output, rate, data_name, data_root, epochs, lr, batch_size, weight_decay,
     lr_schedule, criterion, schedule, round_to, independent_layers, device, workdir, resume,
     train_limit, eval_limit, mean, std, seed, workers, save_masked, report, no_bench,
+    external_data,
 ) -> None:  # fmt: skip
     """Fine-tune MODEL with Soft Filter Pruning and write a smaller, exact ONNX.
 
@@ -202,6 +209,7 @@ def compress(
         options = CompressOptions(
             workdir=Path(workdir) if workdir else None, resume=resume, save_masked=save_masked,
             report=report, bench=not no_bench, progress=_TrainingBars(progress),
+            external_data=external_data,
         )  # fmt: skip
         result = run_compress(model, output, sfp=sfp, data=data, training=training, options=options)
     render_report(result)

@@ -22,6 +22,13 @@ _output_opt = click.option(
 _report_opt = click.option(
     "--report", type=click.Path(dir_okay=False), help="Also write the report as JSON here."
 )
+_external_data_opt = click.option(
+    "--external-data",
+    is_flag=True,
+    default=None,
+    help="Write the weights to OUTPUT.data beside the model (automatic above 1.8 GB, "
+    "protobuf's limit is 2 GB).",
+)
 
 
 @click.command()
@@ -81,7 +88,8 @@ def analyze(model: str, json_path: str | None, layers: bool) -> None:
 @_model_arg
 @_output_opt
 @_report_opt
-def slim(model: str, output: str, report: str | None) -> None:
+@_external_data_opt
+def slim(model: str, output: str, report: str | None, external_data: bool | None) -> None:
     """Physically remove the channels of MODEL that are already exactly zero.
 
     Use it after any soft pruning (SFP's reference code, torch.nn.utils.prune, ...): a
@@ -90,7 +98,7 @@ def slim(model: str, output: str, report: str | None) -> None:
     checked against MODEL in onnxruntime; nothing is written if it differs.
     """
     with status("slimming"):
-        result = sfp_onnx.slim(model, output, report=report)
+        result = sfp_onnx.slim(model, output, report=report, external_data=external_data)
     render_report(result)
 
 
@@ -127,8 +135,10 @@ def slim(model: str, output: str, report: str | None) -> None:
     help="Also write the zeroed, unsliced model (the reference OUT is checked against).",
 )
 @_report_opt
+@_external_data_opt
 def prune(model: str, output: str, rate: float, criterion: str, round_to: int | str | None,
-          save_masked: str | None, report: str | None) -> None:  # fmt: skip
+          save_masked: str | None, report: str | None,
+          external_data: bool | None) -> None:  # fmt: skip
     """One-shot pruning without training: zero the weakest channels, then slim.
 
     Per prunable group, each channel index is scored over all coupled filters (summed), the
@@ -140,6 +150,6 @@ def prune(model: str, output: str, rate: float, criterion: str, round_to: int | 
     with status("pruning"):
         result = sfp_onnx.prune(
             model, output, rate=rate, criterion=criterion, round_to=round_to,
-            save_masked=save_masked, report=report,
+            save_masked=save_masked, report=report, external_data=external_data,
         )  # fmt: skip
     render_report(result)

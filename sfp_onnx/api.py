@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from sfp_onnx.target import resolve_round_to
 from sfp_onnx.verify import verify_models
 from sfp_onnx.zeros import removable_channels
 
-__all__ = ["analyze", "prune", "slim", "write_pruned"]
+__all__ = ["Outputs", "analyze", "prune", "slim", "write_pruned"]
 
 PathLike = str | os.PathLike
 
@@ -51,24 +52,41 @@ def analyze(model: PathLike) -> AnalysisReport:
     )
 
 
-def slim(model: PathLike, output: PathLike, *, report: PathLike | None = None) -> Report:
+@dataclass(frozen=True)
+class Outputs:
+    """Where a model-writing command writes, checked before any work starts."""
+
+    model: PathLike  # the slim model
+    report: PathLike | None = None  # the report JSON
+    masked: PathLike | None = None  # the zeroed, unsliced reference model
+    external_data: bool | None = None  # weights in <model>.data; None: only above 1.8 GB
+
+    def check(self, source: PathLike) -> None:
+        """Fail early when a path cannot be written or would overwrite the input."""
+        for path in (self.model, self.report, self.masked):
+            if path is not None:
+                check_writable(path, inputs=(source,))
+
+
+def slim(
+    model: PathLike,
+    output: PathLike,
+    *,
+    report: PathLike | None = None,
+    external_data: bool | None = None,
+) -> Report:
     """Remove every channel that is already exactly zero wherever it is read.
 
     This is the last step of any soft pruning (SFP, ``torch.nn.utils.prune``, ...): channels
     whose filters (or the following norm's scale and shift) are zero are deleted; in a
     coupled group a channel is kept if any branch still uses it.
     """
-    _check_outputs(model, output, report)
+    outputs = Outputs(output, report=report, external_data=external_data)
+    outputs.check(model)
     masked = load_model(model)
     analysis = analyze_model(masked)
     return write_pruned(
-        masked,
-        analysis,
-        source=model,
-        output=output,
-        report=report,
-        command="slim",
-        settings={},
+        masked, analysis, source=model, outputs=outputs, command="slim", settings={}
     )
 
 
@@ -81,6 +99,7 @@ def prune(
     round_to: int | str | None = None,
     save_masked: PathLike | None = None,
     report: PathLike | None = None,
+    external_data: bool | None = None,
 ) -> Report:
     """One-shot pruning: zero the least important ⌊rate·C⌋ channels of each group, then slim.
 
@@ -94,13 +113,15 @@ def prune(
             :func:`sfp_onnx.target.resolve_round_to`); None: no rounding.
         save_masked: also write the zeroed, unsliced model (the exactness reference).
         report: also write the report JSON here.
+        external_data: write the weights to ``<output>.data`` (None: only above 1.8 GB).
     """
     if not 0.0 <= rate < 1.0:
         raise UsageError(f"--rate must be in [0, 1), got {rate}")
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     multiple = resolve_round_to(round_to)
-    _check_outputs(model, output, report, save_masked)
+    outputs = Outputs(output, report=report, masked=save_masked, external_data=external_data)
+    outputs.check(model)
     masked = load_model(model)
     analysis = analyze_model(masked)
     soft_prune_model(masked, analysis.groups, rate=rate, criterion=criterion, round_to=multiple)
@@ -108,14 +129,7 @@ def prune(
     if round_to == "auto":
         settings["round_to_requested"] = "auto"
     return write_pruned(
-        masked,
-        analysis,
-        source=model,
-        output=output,
-        report=report,
-        save_masked=save_masked,
-        command="prune",
-        settings=settings,
+        masked, analysis, source=model, outputs=outputs, command="prune", settings=settings
     )
 
 
@@ -124,14 +138,11 @@ def write_pruned(
     analysis: Analysis,
     *,
     source: PathLike,
-    output: PathLike,
+    outputs: Outputs,
     command: str,
     settings: Mapping[str, object],
-    report: PathLike | None = None,
-    save_masked: PathLike | None = None,
     verify_feeds: list[dict[str, np.ndarray]] | None = None,
     verify_description: str | None = None,
-    extra: Mapping[str, object] | None = None,
 ) -> Report:
     """Slim a masked model, verify it against the masked one, write both, measure, report.
 
@@ -157,29 +168,22 @@ def write_pruned(
             f"(max |y| {verification.max_abs_reference:.3g}); nothing was written"
         )
     _check_interface(source, slim_model)
-    if save_masked is not None:
-        save_model(masked, save_masked)
-    save_model(slim_model, output)
+    if outputs.masked is not None:
+        save_model(masked, outputs.masked, external_data=outputs.external_data)
+    save_model(slim_model, outputs.model, external_data=outputs.external_data)
     result = Report(
         command=command,
         input=str(source),
-        output=str(output),
+        output=str(outputs.model),
         before=measure_model(source),
-        after=measure_model(output),
+        after=measure_model(outputs.model),
         verification=verification,
         groups=tuple(summarize_group(g, len(removed.get(g.id, ()))) for g in analysis.groups),
         settings=dict(settings),
-        extra=dict(extra or {}),
     )
-    if report is not None:
-        write_json(report, result.to_json())
+    if outputs.report is not None:
+        write_json(outputs.report, result.to_json())
     return result
-
-
-def _check_outputs(model: PathLike, *outputs: PathLike | None) -> None:
-    for out in outputs:
-        if out is not None:
-            check_writable(out, inputs=(model,))
 
 
 def _interface(graph: onnx.GraphProto) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ import torch
 
 from sfp_onnx._io import write_json
 from sfp_onnx.analyze import analyze_model
-from sfp_onnx.api import _check_outputs, write_pruned
+from sfp_onnx.api import Outputs, write_pruned
 from sfp_onnx.data import DataConfig, check_num_classes, create_loader, load_datasets
 from sfp_onnx.errors import UnsupportedModelError, UsageError
 from sfp_onnx.evaluate import evaluate_onnx, read_signature
@@ -48,6 +48,7 @@ class CompressOptions:
     save_masked: PathLike | None = None  # also write the zeroed, unsliced model
     report: PathLike | None = None  # also write the report JSON
     bench: bool = True  # measure onnxruntime latency before/after
+    external_data: bool | None = None  # weights in <output>.data; None: only above 1.8 GB
     progress: Callable[[object], None] | None = field(default=None, compare=False)
 
 
@@ -72,7 +73,13 @@ def compress(
     if isinstance(sfp.round_to, str):
         target = "cuda" if resolve_device(training.device).type == "cuda" else "cpu"
         sfp = replace(sfp, round_to=resolve_round_to(sfp.round_to, target))
-    _check_outputs(model, output, options.report, options.save_masked)
+    outputs = Outputs(
+        output,
+        report=options.report,
+        masked=options.save_masked,
+        external_data=options.external_data,
+    )
+    outputs.check(model)
     workdir = Path(options.workdir or f"{output}.work")
 
     masked = load_model(model)
@@ -103,10 +110,9 @@ def compress(
         masked,
         analysis,
         source=model,
-        output=output,
+        outputs=replace(outputs, report=None),  # written below, with accuracy and latency
         command="compress",
         settings={**asdict(sfp), "epochs": training.epochs},
-        save_masked=options.save_masked,
         verify_feeds=[{signature.input_name: check_images}],
         verify_description=f"real {data.name} test",
     )

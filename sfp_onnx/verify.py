@@ -8,18 +8,24 @@ images); the check passes when the largest absolute difference over all outputs 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from sfp_onnx.errors import ExactnessError, UnsupportedModelError
+from sfp_onnx.load import EXTERNAL_DATA_THRESHOLD, save_model
 from sfp_onnx.runtime import create_session
 
 __all__ = ["DEFAULT_TOLERANCE", "Verification", "random_inputs", "verify_models"]
 
 DEFAULT_TOLERANCE = 1e-4
+# Models whose weights exceed this many bytes are handed to onnxruntime as files.
+FILE_THRESHOLD = EXTERNAL_DATA_THRESHOLD
 
 _NUMPY_TYPES = {
     "tensor(float)": np.float32,
@@ -54,12 +60,25 @@ def _model_bytes(model: ir.Model | bytes | str) -> bytes | str:
     )
 
 
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+
+
 def _session(model: ir.Model | bytes | str, label: str):
+    folder = None
     try:
+        if isinstance(model, ir.Model) and _weight_bytes(model) > FILE_THRESHOLD:
+            # Over protobuf's 2 GB limit a model cannot be passed as bytes: go through a file
+            # with external data, which onnxruntime reads when the session is created.
+            folder = Path(tempfile.mkdtemp(prefix="sfp-onnx-verify-"))
+            model = str(save_model(model, folder / "model.onnx", external_data=True))
         return create_session(_model_bytes(model), provider="cpu")
     except Exception as exc:  # onnxruntime raises its own exception types, one per failure
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"onnxruntime cannot run {label}: {first}") from exc
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def random_inputs(session, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:

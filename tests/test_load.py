@@ -198,3 +198,29 @@ def test_shared_initializers_identity_weights_and_constants(tmp_path):
     y_masked = create_session(tmp_path / "masked.onnx", provider="cpu").run(None, feed)[0]
     y_slim = create_session(out, provider="cpu").run(None, feed)[0]
     assert np.abs(y_masked - y_slim).max() <= 1e-5 * np.abs(y_masked).max()
+
+
+def test_external_data_in_and_out(tmp_path, good_model, monkeypatch):
+    """A model with external data is read, verified through files and written the same way."""
+    import sfp_onnx.verify
+
+    source = tmp_path / "ext" / "net.onnx"
+    source.parent.mkdir()
+    onnx.save_model(
+        onnx.load(str(good_model)), str(source), save_as_external_data=True,
+        all_tensors_to_one_file=True, location="net.onnx.data", size_threshold=0,
+    )  # fmt: skip
+    monkeypatch.setattr(sfp_onnx.verify, "FILE_THRESHOLD", 0)  # as if it were over 2 GB
+    out = tmp_path / "out" / "slim.onnx"
+    out.parent.mkdir()
+    result = sfp_onnx.prune(source, out, rate=0.3, external_data=True)
+    assert result.verification.exact
+    assert (out.parent / "slim.onnx.data").exists()
+    assert out.stat().st_size < 20_000, "the weights live in the data file"
+    assert (
+        result.after.file_bytes
+        == out.stat().st_size + (out.parent / "slim.onnx.data").stat().st_size
+    )
+    assert sorted(p.name for p in out.parent.iterdir()) == ["slim.onnx", "slim.onnx.data"]
+    feed = {"input": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    assert create_session(out, provider="cpu").run(None, feed)[0].shape == (2, 10)
