@@ -162,6 +162,14 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 @click.option(
     "--report", type=click.Path(dir_okay=False), help="Also write the report as JSON here."
 )
+@click.option(
+    "--bn-recalibration",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Training batches that re-estimate BatchNorm statistics after each epoch's zeroing "
+    "(0: off). Evaluation and the written model need them; training does not.",
+)
 @click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option(
     "--external-data",
@@ -172,7 +180,8 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 def compress(
     model, output, rate, data_name, data_root, epochs, lr, batch_size, weight_decay,
     lr_schedule, criterion, schedule, round_to, independent_layers, device, workdir, resume,
-    train_limit, eval_limit, mean, std, seed, workers, save_masked, report, no_bench,
+    train_limit, eval_limit, mean, std, seed, workers, save_masked, report, bn_recalibration,
+    no_bench,
     external_data,
 ) -> None:  # fmt: skip
     """Fine-tune MODEL with Soft Filter Pruning and write a smaller, exact ONNX.
@@ -197,7 +206,8 @@ def compress(
         train_limit=train_limit, eval_limit=eval_limit, seed=seed,
     )  # fmt: skip
     sfp = SfpConfig(rate=rate, criterion=criterion, schedule=schedule, round_to=round_to,
-                    independent_layers=independent_layers)  # fmt: skip
+                    independent_layers=independent_layers,
+                    bn_recalibration=bn_recalibration)  # fmt: skip
     training = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         schedule=lr_schedule, device=device, seed=seed, workers=workers,

@@ -65,6 +65,7 @@ def analyze(model: str, json_path: str | None, layers: bool) -> None:
         coupled = ", ".join(group.layers[:3]) + (
             f" +{len(group.layers) - 3}" if len(group.layers) > 3 else ""
         )
+        coupled = coupled or "(no layer: a graph input)"
         table.add_row(
             str(group.id),
             str(group.channels),

@@ -30,7 +30,7 @@ from sfp_onnx.runtime import create_session
 from sfp_onnx.sfp import SCHEDULES, SfpConfig, SoftFilterPruner
 from sfp_onnx.soft_prune import CRITERIA
 from sfp_onnx.target import resolve_round_to
-from sfp_onnx.train import TrainConfig, resolve_device, train
+from sfp_onnx.train import TrainConfig, recalibrate_batchnorm, resolve_device, train
 
 __all__ = ["CompressOptions", "compress"]
 
@@ -100,7 +100,9 @@ def compress(
         training,
         workdir=workdir,
         resume=options.resume,
-        on_epoch_end=lambda epoch, _module: pruner.step(epoch, training.epochs),
+        on_epoch_end=lambda epoch, module: _sfp_epoch_end(
+            pruner, module, epoch, datasets.train, training, sfp.bn_recalibration
+        ),
         on_progress=options.progress,
         settings=_settings(model, sfp, data),
     )
@@ -135,6 +137,17 @@ def compress(
     if options.report is not None:
         write_json(options.report, result.to_json())
     return result
+
+
+def _sfp_epoch_end(pruner, module, epoch: int, train_set, training: TrainConfig, batches: int):
+    """Zero this epoch's channels, then re-estimate the BN statistics the zeroing changed."""
+    record = pruner.step(epoch, training.epochs)
+    loader = create_loader(
+        train_set, training.batch_size, shuffle=True, seed=training.seed * 7919 + epoch,
+        workers=training.workers,
+    )  # fmt: skip
+    record["bn_recalibration_batches"] = recalibrate_batchnorm(module, loader, batches)
+    return record
 
 
 def _validate(sfp: SfpConfig) -> None:

@@ -48,6 +48,7 @@ class SfpConfig:
     schedule: str = "constant"  # constant (SFP) | asymptotic (ASFP ramp to `rate`)
     round_to: int | str | None = None  # keep a multiple of K channels per group; "auto"
     independent_layers: bool = False  # reference code's per-layer choice (union at surgery)
+    bn_recalibration: int = 50  # batches that re-estimate BN statistics after each zeroing
 
 
 def rate_at(epoch: int, epochs: int, rate: float, schedule: str = "constant") -> float:

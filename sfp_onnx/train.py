@@ -21,7 +21,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "learning_rate",
+    "recalibrate_batchnorm",
     "resolve_device",
     "train",
 ]
@@ -536,3 +537,41 @@ def _interrupted(epoch: int, saved: int, path: Path) -> TrainingInterrupted:
         f"interrupted in epoch {epoch}; the last checkpoint (epoch {saved}) is in "
         f"{path.parent}; rerun with --resume to continue"
     )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    module: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int
+) -> int:
+    """Re-estimate every BatchNorm's running statistics on up to ``limit`` batches.
+
+    Pruning changes what each norm sees, and running statistics left from before make the
+    eval-mode network wrong until many training steps have passed. Training itself is not
+    affected (train-mode BatchNorm uses batch statistics); only evaluation and the written
+    model are. A channel that is exactly zero keeps a running mean of exactly zero.
+
+    Returns:
+        The number of batches used (0 when the module has no BatchNorm).
+    """
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or limit < 1:
+        return 0
+    device = next(module.parameters()).device
+    was_training = module.training
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    module.train()
+    used = 0
+    try:
+        for images, _ in batches:
+            module(images.to(device))
+            used += 1
+            if used >= limit:
+                break
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        module.train(was_training)
+    return used
