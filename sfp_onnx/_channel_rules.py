@@ -147,6 +147,9 @@ def _matmul(node: ir.Node, ctx: AnalysisContext) -> None:
     ctx.set_layout(node.outputs[0], layout)
 
 
+_LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 def _norm_params(kinds: tuple[str, ...]) -> Rule:
     """BatchNormalization / InstanceNormalization: per-channel parameters on axis 1."""
 
@@ -157,11 +160,13 @@ def _norm_params(kinds: tuple[str, ...]) -> Rule:
         if x.axis != 1 or x.block != 1:
             ctx.block(x, f"{node.op_type} {node.name!r} normalises another axis")
             return
+        producer = node.inputs[0].producer()
+        follows = producer.name if producer is not None and producer.op_type in _LAYERS else None
         for value, kind in zip(node.inputs[1:], kinds, strict=False):
             if value is None or value.const_value is None:
                 ctx.block(x, f"{node.op_type} {node.name!r} has computed parameters")
                 return
-            ctx.add_slices(x, value, 0, kind, node)
+            ctx.add_slices(x, value, 0, kind, node, follows=follows)
         if any(out is not None and out.uses() for out in node.outputs[1:]):
             ctx.block(x, f"{node.op_type} {node.name!r} uses its training-mode outputs")
         ctx.set_layout(node.outputs[0], x)

@@ -45,7 +45,8 @@ class ChannelSlice:
 
     Group index ``i`` occupies positions ``offset + i*block`` to ``offset + (i+1)*block - 1``
     along ``axis`` of initializer ``tensor`` (``block`` > 1 after a Flatten: the C×H×W columns
-    of a Gemm).
+    of a Gemm). ``follows`` names, for a BatchNorm's parameters, the layer whose output the
+    norm reads directly, so scoring can see that layer's filters as the model computes them.
     """
 
     tensor: str
@@ -54,6 +55,7 @@ class ChannelSlice:
     block: int
     kind: SliceKind
     node: str
+    follows: str | None = None
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,13 @@ class AnalysisContext:
         return space
 
     def add_slices(
-        self, layout: Layout, tensor: ir.Value, axis: int, kind: SliceKind, node: ir.Node
+        self,
+        layout: Layout,
+        tensor: ir.Value,
+        axis: int,
+        kind: SliceKind,
+        node: ir.Node,
+        follows: str | None = None,
     ) -> None:
         """Record that ``tensor``'s ``axis`` runs over the channels of ``layout``."""
         for space, start, _ in layout.offsets():
@@ -248,6 +256,7 @@ class AnalysisContext:
                     block=layout.block,
                     kind=kind,
                     node=node.name,
+                    follows=follows,
                 )
             )
 

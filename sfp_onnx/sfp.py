@@ -29,8 +29,10 @@ from sfp_onnx.import_torch import ImportedModel
 from sfp_onnx.soft_prune import (
     CRITERIA,
     filter_rows,
+    norm_factor,
     prune_count,
     score_group,
+    scoring_tensors,
     select_channels,
 )
 
@@ -92,8 +94,7 @@ class SoftFilterPruner:
         """
         rate = rate_at(epoch, epochs, self.config.rate, self.config.schedule)
         final = epoch >= epochs
-        names = [p.tensor for g in self.groups for p in g.filters]
-        arrays = self.imported.arrays(names)
+        arrays = self.imported.arrays(scoring_tensors(self.groups))
         masks = {}
         for group in self.groups:
             count = prune_count(group.channels, rate, self.config.round_to)
@@ -133,7 +134,10 @@ class SoftFilterPruner:
         """
         common = None
         for piece in group.filters:
-            rows = filter_rows(arrays[piece.tensor], piece, group.channels)
+            rows = filter_rows(arrays[piece.tensor], piece, group.channels).astype(np.float64)
+            factor = norm_factor(group, piece.node, arrays)
+            if factor is not None and factor.size == group.channels:
+                rows = rows * factor[:, None]
             chosen = select_channels(CRITERIA[self.config.criterion](rows), count)
             self._zero(group, chosen, final=False, layers={piece.node})
             common = set(chosen.tolist()) if common is None else common & set(chosen.tolist())

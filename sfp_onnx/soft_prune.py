@@ -21,8 +21,10 @@ from sfp_onnx.zeros import masked_arrays
 __all__ = [
     "CRITERIA",
     "filter_rows",
+    "norm_factor",
     "prune_count",
     "score_group",
+    "scoring_tensors",
     "select_channels",
     "soft_prune_model",
 ]
@@ -54,15 +56,53 @@ def filter_rows(array: np.ndarray, piece: ChannelSlice, channels: int) -> np.nda
     return span.reshape(channels, -1)
 
 
+# BatchNorm's epsilon is small against any live channel's variance; scoring uses the default.
+_BN_EPSILON = 1e-5
+
+
+def scoring_tensors(groups: Sequence[ChannelGroup]) -> list[str]:
+    """The initializers :func:`score_group` reads: filters and the norms that follow them."""
+    return sorted({p.tensor for g in groups for p in g.slices if p.kind == "filter" or p.follows})
+
+
+def norm_factor(
+    group: ChannelGroup, layer: str, arrays: Mapping[str, np.ndarray]
+) -> np.ndarray | None:
+    """|scale| / sqrt(var + eps) of the BatchNorm right after ``layer``, per channel, if any.
+
+    A filter followed by a BatchNorm computes ``W·scale/sqrt(var)``: scoring that folded
+    filter makes the choice the same whether the norm is a node or folded into the conv, and
+    keeps a regrown filter (whose raw norm the norm divides away) from looking important.
+    """
+    scale = next((p for p in group.slices if p.follows == layer and p.kind == "scale"), None)
+    if scale is None:
+        return None
+    var = next(
+        (p for p in group.slices if p.node == scale.node and p.kind == "param" and p.follows),
+        None,
+    )
+    if var is None or scale.tensor not in arrays or var.tensor not in arrays:
+        return None
+    gamma = np.abs(arrays[scale.tensor].astype(np.float64).reshape(-1))
+    return gamma / np.sqrt(arrays[var.tensor].astype(np.float64).reshape(-1) + _BN_EPSILON)
+
+
 def score_group(
     group: ChannelGroup, arrays: Mapping[str, np.ndarray], criterion: str = "l2"
 ) -> np.ndarray:
-    """Importance of each channel index of ``group``, summed over its coupled filters."""
+    """Importance of each channel index of ``group``, summed over its coupled filters.
+
+    Each filter is scored as the model computes it, with a following BatchNorm folded in.
+    """
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     score = np.zeros(group.channels, dtype=np.float64)
     for piece in group.filters:
-        score += CRITERIA[criterion](filter_rows(arrays[piece.tensor], piece, group.channels))
+        rows = filter_rows(arrays[piece.tensor], piece, group.channels).astype(np.float64)
+        factor = norm_factor(group, piece.node, arrays)
+        if factor is not None and factor.size == group.channels:
+            rows = rows * factor[:, None]
+        score += CRITERIA[criterion](rows)
     return score
 
 
@@ -105,11 +145,7 @@ def soft_prune_model(
         The zeroed channel indices per group id.
     """
     initializers = model.graph.initializers
-    arrays = {
-        piece.tensor: initializers[piece.tensor].const_value.numpy()
-        for group in groups
-        for piece in group.filters
-    }
+    arrays = {name: initializers[name].const_value.numpy() for name in scoring_tensors(groups)}
     chosen: dict[int, np.ndarray] = {}
     for group in groups:
         if not group.prunable or not group.filters:

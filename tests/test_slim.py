@@ -87,3 +87,20 @@ def test_slim_keeps_one_channel_of_a_fully_zeroed_group(tmp_path):
     sfp_onnx.slim(source, out)
     widths = sorted(s[0] for s in _conv_weights(out).values())
     assert widths[0] == 1
+
+
+@pytest.mark.parametrize("criterion", ["l2", "fpgm"])
+def test_prune_chooses_the_same_channels_with_bn_kept_or_folded(tmp_path, criterion):
+    """Filters are scored with their BatchNorm folded in, so both exports prune alike."""
+    torch.manual_seed(0)
+    net = randomize_norms(ResidualNet(width=16))
+    kept = export(net, tmp_path / "kept.onnx", "kept17", size=32)
+    folded = export(net, tmp_path / "folded.onnx", "fold17", size=32)
+    for source in (kept, folded):
+        sfp_onnx.prune(source, source.with_suffix(".slim.onnx"), rate=0.4, criterion=criterion)
+    images = cifar_images(count=16, size=32)
+    outputs = [
+        create_session(p.with_suffix(".slim.onnx"), provider="cpu").run(None, {"input": images})[0]
+        for p in (kept, folded)
+    ]
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1e-4 * np.abs(outputs[0]).max()
