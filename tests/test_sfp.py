@@ -124,3 +124,20 @@ def test_final_masks_are_what_the_surgery_removes(imported):
     rewrite_model(slim, analysis, removable)
     feeds = [{"input": cifar_images(count=16, size=32)}]
     assert verify_models(model, slim, feeds=feeds).exact
+
+
+def test_independent_layers_mode_removes_only_what_every_branch_zeroed(imported):
+    """The reference code's per-layer choice: the union of kept channels goes to surgery."""
+    model, analysis, imp = imported
+    pruner = SoftFilterPruner(imp, analysis.groups, SfpConfig(rate=0.5, independent_layers=True))
+    pruner.step(4, 4)
+    write_back(imp, model)
+    removable = removable_channels(model, analysis)
+    stream = next(g for g in analysis.prunable_groups if len(g.filters) == 3)
+    assert set(removable[stream.id].tolist()) == set(pruner.masks[stream.id].tolist())
+    assert len(pruner.masks[stream.id]) < stream.channels // 2, "branches disagree: union kept"
+    single = next(g for g in analysis.prunable_groups if len(g.filters) == 1)
+    assert len(removable[single.id]) == single.channels // 2
+    slim = clone_model(model)
+    rewrite_model(slim, analysis, removable)
+    assert verify_models(model, slim, feeds=[{"input": cifar_images(count=8, size=32)}]).exact
