@@ -89,9 +89,10 @@ def compress(
     datasets = load_datasets(data, signature.input_size[1:], channels=signature.input_size[0])
     check_num_classes(signature.num_classes, datasets)
     before = evaluate_onnx(model, datasets.test, num_classes=datasets.num_classes)
-    check_images = _real_batch(datasets.test, training.seed)
+    check_images = _real_batch(datasets.test, training.seed, signature.batch)
+    check_feeds = _feeds(signature.input_name, check_images, signature.batch)
 
-    _check_import(imported, model, check_images)
+    _check_import(imported, model, check_feeds)
     pruner = SoftFilterPruner(imported, analysis.groups, sfp)
     history = train(
         imported.module,
@@ -115,7 +116,7 @@ def compress(
         outputs=replace(outputs, report=None),  # written below, with accuracy and latency
         command="compress",
         settings={**asdict(sfp), "epochs": training.epochs},
-        verify_feeds=[{signature.input_name: check_images}],
+        verify_feeds=check_feeds,
         verify_description=f"real {data.name} test",
     )
     after = evaluate_onnx(output, datasets.test, num_classes=datasets.num_classes)
@@ -123,7 +124,7 @@ def compress(
         "accuracy": {"before": before.top1, "after": after.top1},
         "accuracy_top5": {"before": before.top5, "after": after.top5},
         "eval_samples": after.samples,
-        "torch_agreement": _torch_agreement(imported, output, check_images),
+        "torch_agreement": _torch_agreement(imported, output, check_feeds),
         "training": {
             "epochs": [asdict(e) for e in history.epochs],
             "seconds": history.seconds,
@@ -165,17 +166,36 @@ def _settings(model: PathLike, sfp: SfpConfig, data: DataConfig) -> dict:
             "train_limit": data.train_limit, "seed": data.seed}  # fmt: skip
 
 
-def _real_batch(dataset, seed: int) -> np.ndarray:
-    loader = create_loader(dataset, batch_size=CHECK_IMAGES, shuffle=False, seed=seed, workers=0)
+def _real_batch(dataset, seed: int, fixed_batch: int | None) -> np.ndarray:
+    """``CHECK_IMAGES`` real images, rounded up to whole runs of a fixed-batch model."""
+    count = CHECK_IMAGES if fixed_batch is None else -(-CHECK_IMAGES // fixed_batch) * fixed_batch
+    loader = create_loader(dataset, batch_size=count, shuffle=False, seed=seed, workers=0)
     images, _ = next(iter(loader))
     return images.numpy().astype(np.float32)
 
 
-def _check_import(imported: ImportedModel, model: PathLike, images: np.ndarray) -> None:
+def _feeds(input_name: str, images: np.ndarray, fixed_batch: int | None) -> list[dict]:
+    """The images as onnxruntime feeds: one run, or runs of the model's fixed batch."""
+    step = fixed_batch or len(images)
+    return [{input_name: images[s : s + step]} for s in range(0, len(images) - step + 1, step)]
+
+
+def _run_onnx(model: PathLike, feeds: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(images, first output) of ``model`` in onnxruntime over all feeds."""
     session = create_session(model, provider="cpu")
-    reference = session.run(None, {session.get_inputs()[0].name: images})[0]
+    outputs = [session.run(None, feed)[0] for feed in feeds]
+    images = [next(iter(feed.values())) for feed in feeds]
+    return np.concatenate(images), np.concatenate(outputs)
+
+
+def _torch_outputs(imported: ImportedModel, images: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        ours = imported.module.eval()(torch.from_numpy(images)).numpy()
+        return imported.module.eval()(torch.from_numpy(images)).numpy()
+
+
+def _check_import(imported: ImportedModel, model: PathLike, feeds: list[dict]) -> None:
+    images, reference = _run_onnx(model, feeds)
+    ours = _torch_outputs(imported, images)
     diff = float(np.abs(ours - reference).max())
     if diff > 1e-4 * max(float(np.abs(reference).max()), 1e-12):
         raise UnsupportedModelError(
@@ -184,12 +204,10 @@ def _check_import(imported: ImportedModel, model: PathLike, images: np.ndarray) 
         )
 
 
-def _torch_agreement(imported: ImportedModel, output: PathLike, images: np.ndarray) -> dict:
+def _torch_agreement(imported: ImportedModel, output: PathLike, feeds: list[dict]) -> dict:
     """The slim file in onnxruntime against the trained, masked torch model."""
-    session = create_session(output, provider="cpu")
-    slim = session.run(None, {session.get_inputs()[0].name: images})[0]
-    with torch.no_grad():
-        ours = imported.module.eval()(torch.from_numpy(images)).numpy()
+    images, slim = _run_onnx(output, feeds)
+    ours = _torch_outputs(imported, images)
     return {
         "max_abs_diff": float(np.abs(ours - slim).max()),
         "max_abs_reference": float(np.abs(ours).max()),
