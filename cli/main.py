@@ -9,6 +9,7 @@ never a traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -47,6 +48,11 @@ def main() -> None:
     Every command that writes a model checks it against its reference in onnxruntime and
     writes nothing if it is not exact.
     """
+    # onnx2torch's Slice converter indexes with a list, which torch deprecates; the values are
+    # right, and a user can do nothing about the warning.
+    warnings.filterwarnings(
+        "ignore", message="Using a non-tuple sequence for multidimensional indexing"
+    )
 
 
 def _register() -> None:

@@ -15,8 +15,11 @@ pass is exact: at the graph's own input shape the rewritten graph computes the s
 - :class:`DynamicBatchPass`: a graph exported for a fixed batch gets a dynamic batch axis
   where that is exact: the input's dim 0, and the batch entry of Reshape and Expand targets.
 
-:func:`prepare_training_graph` runs them on a clone and attaches inferred shapes. Converters
-are :mod:`sfp_onnx.converters`; the conversion and weight links :mod:`sfp_onnx.import_torch`.
+:func:`prepare_training_graph` runs them on a clone and attaches inferred shapes.
+:func:`fold_static_shapes` folds the shape reads of a fixed-shape graph, so that
+:mod:`sfp_onnx.measure` can size layers whose shapes a legacy export computes at run time.
+Converters are :mod:`sfp_onnx.converters`; the conversion and weight links
+:mod:`sfp_onnx.import_torch`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "GatherAsReshapePass",
     "ReshapeAllowZeroPass",
     "fixed_batch_outputs",
+    "fold_static_shapes",
     "prepare_training_graph",
     "reinfer_shapes",
 ]
@@ -103,7 +107,9 @@ class FoldShapeArithmeticPass(ir.passes.InPlacePass):
         inputs = [v for v in node.inputs if v is not None]
         if node.op_type not in _SHAPE_ARITHMETIC or node.domain not in ("", "ai.onnx"):
             return False
-        if not inputs or any(_constant(v) is None or v.dtype not in _INTEGER_TYPES for v in inputs):
+        if not inputs or any(
+            v.const_value is None or v.const_value.dtype not in _INTEGER_TYPES for v in inputs
+        ):
             return False
         outputs = [onnx.helper.make_empty_tensor_value_info(v.name) for v in node.outputs]
         proto = onnx.helper.make_model(
@@ -409,6 +415,21 @@ def _fold_reshape_target(graph: ir.Graph, node: ir.Node) -> bool:
     node.replace_input_with(1, target)
     node.attributes.pop("allowzero", None)
     return True
+
+
+def fold_static_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` in which reads of static dims, and the integer maths on them, are
+    constants, so that shape inference sizes what they feed (ShuffleNet's channel split of a
+    legacy export is ``Slice(x, 0, Shape(x)[1] / 2)``; onnx's data propagation stops at Div).
+    """
+    model = ir.serde.deserialize_model(proto)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    changed = True
+    while changed:
+        FoldShapeArithmeticPass()(model)
+        reinfer_shapes(model)
+        changed = any([_fold_static_shape_read(model.graph, n) for n in list(model.graph)])
+    return ir.serde.serialize_model(model)
 
 
 def fixed_batch_outputs(graph: ir.Graph) -> list[str]:

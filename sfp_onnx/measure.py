@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import uses_external_data
 
+from sfp_onnx._import_passes import fold_static_shapes
 from sfp_onnx.errors import UnsupportedModelError
 from sfp_onnx.load import read_model_proto
 
@@ -127,6 +128,13 @@ def count_layer_costs(model: onnx.ModelProto, batch_size: int = 1) -> list[Layer
     light = _shape_only_copy(model)
     batch = _fix_input_dims(light, batch_size, {t.name for t in model.graph.initializer})
     shapes = _infer_shapes(light)
+    if any(
+        out not in shapes
+        for node in model.graph.node
+        if node.op_type in _MACS
+        for out in node.output[:1]
+    ):
+        shapes = _infer_shapes(fold_static_shapes(light))
     sizes = {name: numel for name, (_, numel) in _constant_tensors(model.graph).items()}
     costs = []
     for index, node in enumerate(model.graph.node):

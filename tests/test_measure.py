@@ -4,7 +4,8 @@ Graph cases: torchvision ResNet-18 at 224 px, with BatchNormalization kept and f
 hand-built graph of Conv (2-D, grouped), BatchNormalization, ConvTranspose, Reshape, 1-D
 Conv, Gemm and a MatMul whose weight is a Constant node, whose costs are worked out by hand;
 a 3-D Conv and batched/broadcast MatMuls; weights listed as graph inputs (IR 3 style); the
-same model saved with external data; an input with a symbolic spatial axis.
+same model saved with external data; an input with a symbolic spatial axis; ShuffleNet
+exported by both exporters (shapes computed at run time).
 """
 
 from __future__ import annotations
@@ -203,3 +204,17 @@ def test_symbolic_spatial_axis_is_refused():
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
     with pytest.raises(UnsupportedModelError, match=r"'x' has a symbolic dimension 'H' at axis 2"):
         count_layer_costs(model)
+
+
+@pytest.mark.parametrize("variant", ["kept13", "fold17"])
+def test_shapes_computed_at_run_time_are_folded(tmp_path, variant):
+    """ShuffleNet's legacy export slices channels at Shape(x)[1] / 2: counted like dynamo's.
+
+    The dynamo export writes those bounds as constants, the legacy exporter computes them
+    (and, without constant folding, every reshape target) at run time.
+    """
+    from tests.import_matrix import export_default
+
+    legacy = measure_model(export_default("shufflenet_v2_x0_5", variant, tmp_path))
+    dynamo = measure_model(export_default("shufflenet_v2_x0_5", "dynamo", tmp_path))
+    assert legacy.macs == dynamo.macs > 0
