@@ -109,8 +109,9 @@ def score_group(
 def prune_count(channels: int, rate: float, round_to: int | None = None) -> int:
     """How many of ``channels`` to zero: ⌊rate·C⌋, adjusted so a multiple of K remain.
 
-    With ``round_to`` K the kept count is rounded to the nearest multiple of K (at least K);
-    groups narrower than K are left whole. At least one channel is always kept.
+    With ``round_to`` K the kept count is rounded to the nearest multiple of K (at least K;
+    a tie keeps the larger, so 12 of 16 stays 16 and 20 of 32 becomes 24 with K = 8); groups
+    narrower than K are left whole. At least one channel is always kept.
     """
     if not 0.0 <= rate < 1.0:
         raise UsageError(f"rate must be in [0, 1), got {rate}")
@@ -118,7 +119,7 @@ def prune_count(channels: int, rate: float, round_to: int | None = None) -> int:
     if round_to and round_to > 1 and pruned:
         if channels < round_to:
             return 0
-        kept = int(round_to * max(1, round((channels - pruned) / round_to)))
+        kept = round_to * max(1, int(np.floor((channels - pruned) / round_to + 0.5)))
         pruned = channels - min(kept, channels)
     return min(pruned, channels - 1)
 

@@ -25,6 +25,25 @@ AVX2 = {"fpu", "sse2", "avx", "avx2", "fma"}
 ARM = {"fp", "asimd", "aes"}
 
 
+@pytest.mark.parametrize(
+    ("channels", "rate", "round_to", "pruned"),
+    [
+        (16, 0.3, 8, 0),  # 12 kept lies halfway between 8 and 16: the tie keeps 16
+        (32, 0.4, 8, 8),  # 20 kept, halfway: 24, not 16
+        (64, 0.3, 8, 16),  # 45 kept -> 48
+        (16, 0.4, 8, 8),  # 10 kept -> 8
+        (64, 0.3, 16, 16),  # 45 kept -> 48
+        (4, 0.5, 8, 0),  # narrower than the multiple: left whole
+        (8, 0.9, 8, 0),  # 1 kept rounds up to the one multiple there is
+        (64, 0.3, None, 19),  # no rounding: floor(0.3 * 64)
+    ],
+)
+def test_rounded_counts(channels, rate, round_to, pruned):
+    from sfp_onnx.soft_prune import prune_count
+
+    assert prune_count(channels, rate, round_to) == pruned
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A CIFAR ResNet-8 of width 24 with a dynamic batch."""
