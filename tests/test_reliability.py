@@ -1,5 +1,5 @@
 """Nothing lost: a compress run killed mid-epoch resumes to the same model; a full disk
-leaves no partial file.
+leaves no partial file; an unwritable output directory is refused before any work.
 
 Graph case: the CIFAR ResNet-8 of sfp_onnx.zoo (BN kept), real CIFAR-10 subsets. The
 interrupted runs are real ``sfp-onnx`` processes stopped with SIGINT, SIGTERM or SIGKILL
@@ -103,3 +103,41 @@ def test_full_disk_gives_one_line_and_no_partial_file(resnet8, tmp_path):
         assert list(disk.iterdir()) == [], "no partial or temporary file is left"
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may write: mode 0o500, or, for root, a read-only tmpfs."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot make a read-only directory here (root, and no tmpfs mount)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("command", ["prune", "compress"])
+def test_unwritable_output_directory_fails_before_any_work(resnet8, read_only_dir, command):
+    """One error line, at once (compress: before loading data or training), input unchanged."""
+    before = resnet8.read_bytes()
+    args = [*CLI, command, str(resnet8), "--rate", "0.3", "-o", str(read_only_dir / "s.onnx")]
+    if command == "compress":
+        args += ["--data", "cifar10", "--data-root", str(cifar10_root()), "--epochs", "1"]
+    start = time.perf_counter()
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode != 0
+    assert lines == [f"error: output directory {read_only_dir} is not writable"], lines
+    assert time.perf_counter() - start < 30, "refused before training"
+    assert resnet8.read_bytes() == before
+    assert list(read_only_dir.iterdir()) == []
