@@ -361,3 +361,24 @@ def test_unreadable_checkpoint_is_a_usage_error(data: Datasets, tmp_path: Path) 
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match="cannot read"):
         train(tiny_net(), data.train, None, CONFIG, workdir=tmp_path, resume=True)
+
+
+class _RunsCode:
+    """Unpickling this calls ``Path.touch`` on its path: what a hostile checkpoint could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_checkpoint_that_would_run_code_is_refused(data: Datasets, tmp_path: Path) -> None:
+    """Checkpoints load with weights_only=True: a pickled callable is refused, never called."""
+    witness = tmp_path / "code_ran"
+    torch.save({"format": 1, "payload": _RunsCode(witness)}, tmp_path / CHECKPOINT)
+    with pytest.raises(UsageError, match="cannot read"):
+        train(tiny_net(), data.train, None, CONFIG, workdir=tmp_path, resume=True)
+    assert not witness.exists()
+    torch.load(tmp_path / CHECKPOINT, weights_only=False)  # the same file, loaded unsafely:
+    assert witness.exists()  # the code runs, so the test above could have failed
