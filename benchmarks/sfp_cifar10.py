@@ -9,8 +9,9 @@ number of fine-tuning epochs on the same data:
 
 Accuracy is measured in onnxruntime on the written files (the full test set unless
 --eval-limit), MACs and parameters on the files, latency interleaved in onnxruntime.
-Writes results/sfp_cifar10.md and .json. The default is sized to about an hour on a 2-core
-CPU; for a GPU-sized run pass e.g. --epochs 60 --device cuda.
+Writes results/sfp_cifar10.md and .json. The default (4 epochs on all 50,000 training images,
+the full test set, five arms) is sized to about an hour on a 2-core CPU; for a GPU-sized run
+pass e.g. --epochs 60 --device cuda, for a shorter one --train-limit N.
 
     python benchmarks/sfp_cifar10.py                 # ~1 h on 2 CPU cores
     python benchmarks/sfp_cifar10.py --quick         # smoke run, results to a temp folder
@@ -43,10 +44,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=str(REPO / "examples" / "resnet20_cifar10.onnx"))
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 0.4])
-    parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs per arm")
+    parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs per arm")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument(
+        "--train-limit", type=int, default=0, help="class-balanced training subset (0: all)"
+    )
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
@@ -56,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.train_limit, args.eval_limit = 1, 500, 500
+    args.train_limit = args.train_limit or None
     return args
 
 
