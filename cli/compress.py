@@ -133,7 +133,9 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option(
-    "--workdir", type=click.Path(file_okay=False), help="Checkpoint folder (default: OUTPUT.work)."
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="Checkpoint folder (default: OUTPUT.work, removed once OUTPUT is written).",
 )
 @click.option("--resume", is_flag=True, help="Continue the run saved in --workdir.")
 @click.option(
@@ -194,6 +196,7 @@ def compress(
     4. removes the channels zeroed at the end, checks OUTPUT against the masked model on
        real images, and measures accuracy, MACs, parameters and latency before and after.
     Checkpoints go to --workdir every epoch; Ctrl-C stops cleanly and --resume continues.
+    The default workdir (OUTPUT.work) is removed once OUTPUT is written; one you name is kept.
     """
     from sfp_onnx.data import DataConfig
     from sfp_onnx.pipeline import CompressOptions
@@ -234,3 +237,5 @@ def compress(
             f"onnxruntime latency (batch 1, p50): {lat['before']:.2f} ms -> {lat['after']:.2f} ms "
             f"({lat['before'] / lat['after']:.2f}x)"
         )
+    if result.extra["training"]["workdir"]:
+        console.print(f"checkpoints kept in {result.extra['training']['workdir']}")

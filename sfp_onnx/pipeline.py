@@ -10,6 +10,7 @@ the written file: accuracy, agreement with the torch model, MACs, parameters and
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,7 +44,8 @@ CHECK_IMAGES = 64
 class CompressOptions:
     """Where ``compress`` keeps its work and what else it writes."""
 
-    workdir: Path | None = None  # checkpoints; default: <output>.work/ beside the output
+    # checkpoints; default: <output>.work/ beside the output, removed once the output is written
+    workdir: Path | None = None
     resume: bool = False  # continue the run saved in workdir
     save_masked: PathLike | None = None  # also write the zeroed, unsliced model
     report: PathLike | None = None  # also write the report JSON
@@ -130,6 +132,7 @@ def compress(
             "seconds": history.seconds,
             "device": history.device,
             "resumed_from": history.resumed_from,
+            "workdir": str(workdir) if options.workdir is not None else None,
         },
     }
     if options.bench:
@@ -137,6 +140,8 @@ def compress(
     result = replace(result, extra=extra)
     if options.report is not None:
         write_json(options.report, result.to_json())
+    if options.workdir is None:  # the default one only served this run, which is done
+        shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 

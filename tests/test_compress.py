@@ -60,6 +60,8 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "top-1 accuracy" in result.output and "exact" in result.output
+    assert f"checkpoints kept in {tmp_path / 'w'}" in result.output  # a named workdir stays
+    assert (tmp_path / "w").is_dir()
     assert resnet8.read_bytes() == before
     onnx.checker.check_model(str(out), full_check=True)
     src, dst = onnx.load(str(resnet8)).graph, onnx.load(str(out)).graph
@@ -85,6 +87,20 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     )  # fmt: skip
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((tmp_path / "eval.json").read_text())["top1"] == data["accuracy"]["after"]
+
+
+def test_default_workdir_goes_once_the_output_is_written(resnet8, tmp_path):
+    """Running the same command twice works: the default OUTPUT.work is not left behind."""
+    out = tmp_path / "slim.onnx"
+    training = TrainConfig(epochs=1, workers=0)
+    data = _data(train_limit=128, eval_limit=64)
+    for _ in range(2):
+        report = sfp_onnx.compress(
+            resnet8, out, sfp=SfpConfig(rate=0.3), data=data, training=training,
+            options=CompressOptions(bench=False),
+        )  # fmt: skip
+        assert report.extra["training"]["workdir"] is None
+        assert out.exists() and not (tmp_path / "slim.onnx.work").exists()
 
 
 def test_resumed_run_equals_uninterrupted_run(resnet8, tmp_path):
