@@ -238,4 +238,5 @@ def compress(
             f"({lat['before'] / lat['after']:.2f}x)"
         )
     if result.extra["training"]["workdir"]:
-        console.print(f"checkpoints kept in {result.extra['training']['workdir']}")
+        # soft_wrap: a long path stays on one line, to be copied as it is
+        console.print(f"checkpoints kept in {result.extra['training']['workdir']}", soft_wrap=True)
