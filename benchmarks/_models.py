@@ -1,8 +1,8 @@
 """What the benchmarks share: the models they export, pruned variants, timing on a budget.
 
 Models are named ``<name>@<size>``: ``resnet56@32`` is the CIFAR ResNet-56 of
-:mod:`sfp_onnx.zoo`, ``resnet18@224`` a torchvision classifier (1000 classes, random weights:
-latency does not depend on the values). Batch-norm statistics are randomised (seeded), so
+:mod:`sfp_onnx.training.zoo`, ``resnet18@224`` a torchvision classifier (1000 classes, random
+weights: latency does not depend on the values). Batch-norm statistics are randomised (seeded), so
 folding them matters and exactness checks are not trivially met.
 """
 
@@ -19,9 +19,9 @@ import torchvision
 from torch import nn
 
 import sfp_onnx
-from sfp_onnx.bench import BenchConfig, BenchReport, benchmark
-from sfp_onnx.target import cpu_flags, cpu_round_to
-from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+from sfp_onnx.runtime.bench import BenchConfig, BenchReport, benchmark
+from sfp_onnx.runtime.target import cpu_flags, cpu_round_to
+from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 
 __all__ = [
     "Pruned",

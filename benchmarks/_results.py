@@ -1,11 +1,10 @@
 """Where a benchmark's results go and what they record besides the numbers.
 
-Each script in ``benchmarks/`` writes ``results/<name>.md`` (for people) and
-``results/<name>.json`` (for machines) through :func:`write_results`. Both carry the
-provenance a number needs to mean anything: the machine (:func:`sfp_onnx.bench.machine_info`),
-the package versions, the exact command line, the date, and the load average at the start
-and end of the run (the benchmark machines may be shared). Scripts report; they never fail
-on a number.
+Each script in ``benchmarks/`` writes ``results/<name>.md`` (for people) and ``results/<name>.json``
+(for machines) through :func:`write_results`. Both carry the provenance a number needs to mean
+anything: the machine (:func:`sfp_onnx.runtime.bench.machine_info`), the package versions, the exact
+command line, the date, and the load average at the start and end of the run (the benchmark machines
+may be shared). Scripts report; they never fail on a number.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from sfp_onnx._io import atomic_path, write_json
-from sfp_onnx.bench import machine_info, versions
+from sfp_onnx.runtime.bench import machine_info, versions
 
 __all__ = [
     "RESULTS",
@@ -47,7 +46,7 @@ def command_line() -> str:
 
 
 def package_versions(*extra: str) -> dict[str, str]:
-    """:func:`sfp_onnx.bench.versions` plus torch, torchvision and the ``extra`` packages."""
+    """:func:`sfp_onnx.runtime.bench.versions`, torch, torchvision and the ``extra`` packages."""
     found = dict(versions())
     for name in ("torch", "torchvision", *extra):
         try:

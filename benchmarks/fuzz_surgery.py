@@ -41,7 +41,7 @@ from hypothesis import seed as hypothesis_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from benchmarks._results import Run, default_out, md_table, write_results  # noqa: E402
-from sfp_onnx.soft_prune import CRITERIA  # noqa: E402
+from sfp_onnx.graph.soft_prune import CRITERIA  # noqa: E402
 from tests.fuzz_checks import check_prune, check_slim  # noqa: E402
 from tests.fuzz_models import (  # noqa: E402
     BLOCK_KINDS,

@@ -36,10 +36,10 @@ import onnx
 from _models import bench_on_budget, export_model, prune_variant
 from _results import Run, default_out, md_table, write_results
 
-from sfp_onnx.bench import speedups
 from sfp_onnx.errors import SfpError
-from sfp_onnx.measure import measure_model
-from sfp_onnx.verify import verify_models
+from sfp_onnx.graph.measure import measure_model
+from sfp_onnx.runtime.bench import speedups
+from sfp_onnx.runtime.verify import verify_models
 
 MODELS = ("resnet56@32", "resnet18@64", "resnet50@64", "mobilenet_v2@64")
 LEGEND = """\

@@ -30,13 +30,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._results import Run, default_out, md_table, write_results  # noqa: E402
 from sfp_onnx import api  # noqa: E402
-from sfp_onnx.bench import BenchConfig, benchmark  # noqa: E402
-from sfp_onnx.data import DataConfig, load_datasets  # noqa: E402
-from sfp_onnx.evaluate import evaluate_onnx  # noqa: E402
-from sfp_onnx.measure import measure_model  # noqa: E402
+from sfp_onnx.data.datasets import DataConfig, load_datasets  # noqa: E402
+from sfp_onnx.graph.measure import measure_model  # noqa: E402
 from sfp_onnx.pipeline import CompressOptions, compress  # noqa: E402
-from sfp_onnx.sfp import SfpConfig  # noqa: E402
-from sfp_onnx.train import TrainConfig  # noqa: E402
+from sfp_onnx.runtime.bench import BenchConfig, benchmark  # noqa: E402
+from sfp_onnx.runtime.evaluate import evaluate_onnx  # noqa: E402
+from sfp_onnx.training.sfp import SfpConfig  # noqa: E402
+from sfp_onnx.training.train import TrainConfig  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

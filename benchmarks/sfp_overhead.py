@@ -4,9 +4,9 @@ The same module (a CIFAR ResNet exported to ONNX and imported back into torch, a
 ``compress`` does) trains one epoch on the same real CIFAR-10 images twice, alternately:
 
 - plain: a bare torch loop (SGD with Nesterov momentum, cross entropy), nothing else;
-- SFP: :func:`sfp_onnx.train.train` with :class:`sfp_onnx.sfp.SoftFilterPruner` as the
-  epoch-end hook, i.e. what ``compress`` runs per epoch (lr schedule, progress events, the
-  pruning step and the checkpoint).
+- SFP: :func:`sfp_onnx.training.train.train` with
+  :class:`sfp_onnx.training.sfp.SoftFilterPruner` as the epoch-end hook, i.e. what ``compress`` runs
+  per epoch (lr schedule, progress events, the pruning step and the checkpoint).
 
 Both start from the same weights, read the same shuffled batches (same loader seed, loading
 in-process) and run on the CPU. The overhead is split into the pruning step itself and the
@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from _results import Run, default_out, md_table, write_results
 from torch.utils.data import Subset
 
-from sfp_onnx.analyze import analyze_model
-from sfp_onnx.data import DataConfig, create_loader, load_datasets
-from sfp_onnx.import_torch import import_model
-from sfp_onnx.load import load_model
-from sfp_onnx.sfp import SfpConfig, SoftFilterPruner
-from sfp_onnx.train import TrainConfig, train
-from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+from sfp_onnx.data.datasets import DataConfig, create_loader, load_datasets
+from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.load import load_model
+from sfp_onnx.training.import_torch import import_model
+from sfp_onnx.training.sfp import SfpConfig, SoftFilterPruner
+from sfp_onnx.training.train import TrainConfig, train
+from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 
 FULL_EPOCH = 50_000  # CIFAR-10 training images
 CIFAR10 = Path(

@@ -23,7 +23,7 @@ from pathlib import Path
 from _models import bench_on_budget, export_model, nchwc_block, nchwc_misses, prune_variant
 from _results import Run, default_out, md_table, write_results
 
-from sfp_onnx.bench import speedups
+from sfp_onnx.runtime.bench import speedups
 
 MODELS = (
     "resnet56@32",

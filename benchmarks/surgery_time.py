@@ -28,13 +28,13 @@ from _models import export_model
 from _results import Run, default_out, md_table, write_results
 
 import sfp_onnx
-from sfp_onnx.analyze import analyze_model
-from sfp_onnx.load import clone_model, load_model, save_model
-from sfp_onnx.rewrite import rewrite_model
-from sfp_onnx.soft_prune import soft_prune_model
-from sfp_onnx.verify import verify_models
-from sfp_onnx.zeros import removable_channels
-from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.load import clone_model, load_model, save_model
+from sfp_onnx.graph.rewrite import rewrite_model
+from sfp_onnx.graph.soft_prune import soft_prune_model
+from sfp_onnx.graph.zeros import removable_channels
+from sfp_onnx.runtime.verify import verify_models
+from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 
 MODELS = ("resnet50@224", "resnet500@32")
 STAGES = ("load", "analyze", "soft-prune", "find zeros", "rewrite", "verify", "save")

@@ -10,7 +10,7 @@ __all__ = ["ROUND_TO", "RoundTo"]
 class RoundTo(click.ParamType):
     """A positive integer, ``auto`` (kept as the string) or ``none`` (None: no rounding).
 
-    ``auto`` is resolved by the library (:func:`sfp_onnx.target.resolve_round_to`), so the
+    ``auto`` is resolved by the library (:func:`sfp_onnx.runtime.target.resolve_round_to`), so the
     report records what it became on this machine.
     """
 

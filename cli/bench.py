@@ -1,7 +1,7 @@
 """``sfp-onnx bench``: time ONNX models in onnxruntime and compare them with the first one.
 
-Maps the options to :class:`sfp_onnx.bench.BenchConfig`, calls
-:func:`sfp_onnx.bench.benchmark` with a progress bar, prints the summary table and, with
+Maps the options to :class:`sfp_onnx.runtime.bench.BenchConfig`, calls
+:func:`sfp_onnx.runtime.bench.benchmark` with a progress bar, prints the summary table and, with
 ``--json``, writes the report.
 """
 
@@ -18,8 +18,8 @@ from rich.table import Table
 from sfp_onnx.cli._render import console, human
 
 from sfp_onnx._io import check_writable, write_json
-from sfp_onnx.bench import BenchConfig, BenchReport, benchmark, speedups
-from sfp_onnx.runtime import OPT_LEVELS, PROVIDERS
+from sfp_onnx.runtime.bench import BenchConfig, BenchReport, benchmark, speedups
+from sfp_onnx.runtime.session import OPT_LEVELS, PROVIDERS
 
 __all__ = ["bench"]
 

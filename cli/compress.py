@@ -198,11 +198,11 @@ def compress(
     Checkpoints go to --workdir every epoch; Ctrl-C stops cleanly and --resume continues.
     The default workdir (OUTPUT.work) is removed once OUTPUT is written; one you name is kept.
     """
-    from sfp_onnx.data import DataConfig
+    from sfp_onnx.data.datasets import DataConfig
     from sfp_onnx.pipeline import CompressOptions
     from sfp_onnx.pipeline import compress as run_compress
-    from sfp_onnx.sfp import SfpConfig
-    from sfp_onnx.train import TrainConfig
+    from sfp_onnx.training.sfp import SfpConfig
+    from sfp_onnx.training.train import TrainConfig
 
     data = DataConfig(
         name=data_name, root=data_root, mean=_floats(mean), std=_floats(std),

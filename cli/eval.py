@@ -1,7 +1,7 @@
 """``sfp-onnx eval``: top-1/top-5 accuracy of an ONNX classifier on a dataset.
 
-Maps the options to :class:`sfp_onnx.data.DataConfig` and calls
-:func:`sfp_onnx.evaluate.evaluate_onnx`; shows a progress bar and a table.
+Maps the options to :class:`sfp_onnx.data.datasets.DataConfig` and calls
+:func:`sfp_onnx.runtime.evaluate.evaluate_onnx`; shows a progress bar and a table.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sfp_onnx._io import check_writable, write_json
-from sfp_onnx.data import DATASETS, DataConfig, check_num_classes, load_datasets
-from sfp_onnx.evaluate import Accuracy, evaluate_onnx, read_signature
-from sfp_onnx.runtime import PROVIDERS
+from sfp_onnx.data.datasets import DATASETS, DataConfig, check_num_classes, load_datasets
+from sfp_onnx.runtime.evaluate import Accuracy, evaluate_onnx, read_signature
+from sfp_onnx.runtime.session import PROVIDERS
 
 __all__ = ["eval_command"]
 

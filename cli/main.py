@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from sfp_onnx import __version__
+from sfp_onnx._version import __version__
 from sfp_onnx.errors import SfpError
 
 __all__ = ["main"]

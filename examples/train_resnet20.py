@@ -37,13 +37,13 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 try:
-    from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+    from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 except ImportError:  # sfp_onnx/__init__ needs onnx, onnx-ir, onnxruntime: skip it, zoo needs torch
     for name in [m for m in sys.modules if m == "sfp_onnx" or m.startswith("sfp_onnx.")]:
         del sys.modules[name]
     sys.modules["sfp_onnx"] = types.ModuleType("sfp_onnx")
     sys.modules["sfp_onnx"].__path__ = [str(REPO / "sfp_onnx")]
-    from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+    from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 # -----------------------------------------------------------------------------
 # defaults: each is overridden by its flag (--depth, ..., --out; --data-root for DATA_ROOTS)
 DATA_ROOTS = [REPO.parent / "shared/data/cifar10", REPO / "shared/data/cifar10"]  # first found

@@ -1,16 +1,18 @@
 """sfp-onnx: Soft Filter Pruning for ONNX image classifiers.
 
-The public Python API. Each stage of the flow has its own module (load, analyze, soft-prune,
-import, train, rewrite, verify, measure, ...); this file only re-exports what users call.
-Names that need torch (``compress`` and its configs) are imported on first use, so the
-ONNX-only commands start fast.
+The public Python API. The library is organised by stage: :mod:`sfp_onnx.graph` (the ONNX
+side: load, analyze, score, rewrite, measure), :mod:`sfp_onnx.training` (the torch side:
+import, soft pruning, the training loop), :mod:`sfp_onnx.runtime` (onnxruntime: verify,
+evaluate, bench) and :mod:`sfp_onnx.data`; :mod:`sfp_onnx.api` and :mod:`sfp_onnx.pipeline`
+string them into the commands. This file only re-exports what users call, each name imported
+on first use, so ``import sfp_onnx`` is cheap and the ONNX-only commands never import torch.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from sfp_onnx._version import __version__
 
 __all__ = [
     "Accuracy",
@@ -30,21 +32,20 @@ __all__ = [
 ]
 
 _LAZY = {
+    "analyze": "sfp_onnx.api",
+    "prune": "sfp_onnx.api",
+    "slim": "sfp_onnx.api",
     "compress": "sfp_onnx.pipeline",
     "CompressOptions": "sfp_onnx.pipeline",
-    "DataConfig": "sfp_onnx.data",
-    "SfpConfig": "sfp_onnx.sfp",
-    "TrainConfig": "sfp_onnx.train",
-    "Accuracy": "sfp_onnx.evaluate",
-    "evaluate_onnx": "sfp_onnx.evaluate",
-    "BenchConfig": "sfp_onnx.bench",
-    "benchmark": "sfp_onnx.bench",
-    "measure_model": "sfp_onnx.measure",
+    "DataConfig": "sfp_onnx.data.datasets",
+    "SfpConfig": "sfp_onnx.training.sfp",
+    "TrainConfig": "sfp_onnx.training.train",
+    "Accuracy": "sfp_onnx.runtime.evaluate",
+    "evaluate_onnx": "sfp_onnx.runtime.evaluate",
+    "BenchConfig": "sfp_onnx.runtime.bench",
+    "benchmark": "sfp_onnx.runtime.bench",
+    "measure_model": "sfp_onnx.graph.measure",
 }
-
-
-# Imported eagerly: the functions shadow the stage modules of the same name (sfp_onnx.analyze).
-from sfp_onnx.api import analyze, prune, slim  # noqa: E402
 
 
 def __getattr__(name: str):

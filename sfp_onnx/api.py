@@ -17,18 +17,19 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from sfp_onnx import __version__
 from sfp_onnx._io import check_writable, write_json
-from sfp_onnx.analyze import Analysis, analyze_model
+from sfp_onnx._version import __version__
 from sfp_onnx.errors import ExactnessError, UsageError
-from sfp_onnx.load import clone_model, load_model, save_model
-from sfp_onnx.measure import count_layer_costs, measure_model
+from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.groups import Analysis
+from sfp_onnx.graph.load import clone_model, load_model, save_model
+from sfp_onnx.graph.measure import count_layer_costs, measure_model
+from sfp_onnx.graph.rewrite import rewrite_model
+from sfp_onnx.graph.soft_prune import CRITERIA, soft_prune_model
+from sfp_onnx.graph.zeros import removable_channels
 from sfp_onnx.report import AnalysisReport, Report, summarize_group
-from sfp_onnx.rewrite import rewrite_model
-from sfp_onnx.soft_prune import CRITERIA, soft_prune_model
-from sfp_onnx.target import resolve_round_to
-from sfp_onnx.verify import verify_models
-from sfp_onnx.zeros import removable_channels
+from sfp_onnx.runtime.target import resolve_round_to
+from sfp_onnx.runtime.verify import verify_models
 
 __all__ = ["Outputs", "analyze", "prune", "slim", "write_pruned"]
 
@@ -110,7 +111,7 @@ def prune(
         criterion: ``l2`` (SFP's default), ``l1`` or ``fpgm``.
         round_to: keep a multiple of this many channels per group (fast kernels want 8/16);
             ``"auto"``: the multiple this machine's fast kernels want (see
-            :func:`sfp_onnx.target.resolve_round_to`); None: no rounding.
+            :func:`sfp_onnx.runtime.target.resolve_round_to`); None: no rounding.
         save_masked: also write the zeroed, unsliced model (the exactness reference).
         report: also write the report JSON here.
         external_data: write the weights to ``<output>.data`` (None: only above 1.8 GB).

@@ -19,19 +19,19 @@ import numpy as np
 import torch
 
 from sfp_onnx._io import write_json
-from sfp_onnx.analyze import analyze_model
 from sfp_onnx.api import Outputs, write_pruned
-from sfp_onnx.data import DataConfig, check_num_classes, create_loader, load_datasets
+from sfp_onnx.data.datasets import DataConfig, check_num_classes, create_loader, load_datasets
 from sfp_onnx.errors import UnsupportedModelError, UsageError
-from sfp_onnx.evaluate import evaluate_onnx, read_signature
-from sfp_onnx.import_torch import ImportedModel, import_model, write_back
-from sfp_onnx.load import load_model
+from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.load import load_model
+from sfp_onnx.graph.soft_prune import CRITERIA
 from sfp_onnx.report import Report
-from sfp_onnx.runtime import create_session
-from sfp_onnx.sfp import SCHEDULES, SfpConfig, SoftFilterPruner
-from sfp_onnx.soft_prune import CRITERIA
-from sfp_onnx.target import resolve_round_to
-from sfp_onnx.train import TrainConfig, recalibrate_batchnorm, resolve_device, train
+from sfp_onnx.runtime.evaluate import evaluate_onnx, read_signature
+from sfp_onnx.runtime.session import create_session
+from sfp_onnx.runtime.target import resolve_round_to
+from sfp_onnx.training.import_torch import ImportedModel, import_model, write_back
+from sfp_onnx.training.sfp import SCHEDULES, SfpConfig, SoftFilterPruner
+from sfp_onnx.training.train import TrainConfig, recalibrate_batchnorm, resolve_device, train
 
 __all__ = ["CompressOptions", "compress"]
 
@@ -222,7 +222,7 @@ def _torch_agreement(imported: ImportedModel, output: PathLike, feeds: list[dict
 
 
 def _latency(model: PathLike, output: PathLike) -> dict:
-    from sfp_onnx.bench import BenchConfig, benchmark
+    from sfp_onnx.runtime.bench import BenchConfig, benchmark
 
     report = benchmark([model, output], BenchConfig(batch_sizes=(1,), warmup=5, runs=30))
     before, after = report.results[0], report.results[1]

@@ -2,7 +2,7 @@
 
 This module owns the :class:`Report` of ``slim``/``prune``/``compress`` and the
 :class:`AnalysisReport` of ``analyze``, and their JSON form. Every number in them is measured
-on the files actually written (see :mod:`sfp_onnx.measure`), never derived from the nominal
+on the files actually written (see :mod:`sfp_onnx.graph.measure`), never derived from the nominal
 rate. Rendering as terminal tables is the CLI's job.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sfp_onnx.analyze import ChannelGroup
-from sfp_onnx.measure import LayerCost, ModelStats
-from sfp_onnx.verify import Verification
+from sfp_onnx.graph.groups import ChannelGroup
+from sfp_onnx.graph.measure import LayerCost, ModelStats
+from sfp_onnx.runtime.verify import Verification
 
 __all__ = ["AnalysisReport", "GroupSummary", "Report", "summarize_group"]
 
@@ -77,7 +77,7 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         """The report JSON (schema in the README)."""
-        from sfp_onnx import __version__
+        from sfp_onnx._version import __version__
 
         return {
             "tool": f"sfp-onnx {__version__}",

@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 
 import sfp_onnx
-from sfp_onnx.analyze import analyze_model
-from sfp_onnx.load import load_model
-from sfp_onnx.runtime import create_session
-from sfp_onnx.soft_prune import prune_count
-from sfp_onnx.zeros import removable_channels
+from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.load import load_model
+from sfp_onnx.graph.soft_prune import prune_count
+from sfp_onnx.graph.zeros import removable_channels
+from sfp_onnx.runtime.session import create_session
 from tests.exports import cifar_images, export
 from tests.fuzz_models import FuzzCase, FuzzNet, build_net, soft_prune_net
 from tests.fuzz_oracle import LayerShape, expected_layers

@@ -121,9 +121,9 @@ class CellResult:
 
 def check_cell(path: Path, size: int) -> CellResult:
     """Load, import, compare with onnxruntime, and take one training step."""
-    from sfp_onnx.analyze import analyze_model
-    from sfp_onnx.import_torch import import_model
-    from sfp_onnx.load import load_model
+    from sfp_onnx.graph.analyze import analyze_model
+    from sfp_onnx.graph.load import load_model
+    from sfp_onnx.training.import_torch import import_model
 
     opset = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                  if o.domain in ("", "ai.onnx"))  # fmt: skip
@@ -159,7 +159,7 @@ def check_cell(path: Path, size: int) -> CellResult:
 
 def _relative_difference(path: Path, module: torch.nn.Module, images: np.ndarray) -> float:
     """Torch at batch 4 against onnxruntime run at the file's own (fixed) batch."""
-    from sfp_onnx.runtime import create_session
+    from sfp_onnx.runtime.session import create_session
 
     session = create_session(path, provider="cpu", threads=1)
     name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from sfp_onnx.cli.main import main
 
-from sfp_onnx.bench import BenchConfig, _interleave, benchmark, speedups
-from sfp_onnx.measure import measure_model
-from sfp_onnx.runtime import create_session
-from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+from sfp_onnx.graph.measure import measure_model
+from sfp_onnx.runtime.bench import BenchConfig, _interleave, benchmark, speedups
+from sfp_onnx.runtime.session import create_session
+from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 
 RESULT_KEYS = {
     "model",

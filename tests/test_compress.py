@@ -1,6 +1,6 @@
 """`compress` end to end: a CIFAR ResNet ONNX fine-tuned with SFP on real CIFAR-10 images.
 
-Graph case: ResNet-8 from sfp_onnx.zoo (projection shortcuts, BN kept), exported inside the
+Graph case: ResNet-8 from sfp_onnx.training.zoo (projection shortcuts, BN kept), exported inside the
 test; real CIFAR-10 subsets from ../shared/data/cifar10. Also: stopping in the middle and
 resuming gives the same model as an uninterrupted run.
 """
@@ -17,14 +17,14 @@ from click.testing import CliRunner
 from sfp_onnx.cli.main import main
 
 import sfp_onnx
-from sfp_onnx.data import DataConfig
+from sfp_onnx.data.datasets import DataConfig
 from sfp_onnx.errors import TrainingInterrupted
-from sfp_onnx.measure import measure_model
+from sfp_onnx.graph.measure import measure_model
 from sfp_onnx.pipeline import CompressOptions
-from sfp_onnx.runtime import create_session
-from sfp_onnx.sfp import SfpConfig
-from sfp_onnx.train import TrainConfig
-from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+from sfp_onnx.runtime.session import create_session
+from sfp_onnx.training.sfp import SfpConfig
+from sfp_onnx.training.train import TrainConfig
+from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 from tests.exports import cifar10_root
 
 
@@ -218,7 +218,7 @@ def test_round_to_auto_is_resolved_and_recorded(resnet8, tmp_path):
         data=_data(train_limit=100, eval_limit=50), training=TrainConfig(epochs=1, workers=0),
         options=CompressOptions(workdir=tmp_path / "w", bench=False),
     )  # fmt: skip
-    from sfp_onnx.target import resolve_round_to
+    from sfp_onnx.runtime.target import resolve_round_to
 
     multiple = resolve_round_to("auto", "cpu")
     assert report.settings["round_to"] == multiple

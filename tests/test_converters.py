@@ -14,9 +14,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from sfp_onnx.converters import REGISTERED, TYPE_ONLY_VERSIONS
-from sfp_onnx.import_torch import _conversion_failures
-from sfp_onnx.runtime import create_session
+from sfp_onnx.runtime.session import create_session
+from sfp_onnx.training.converters import REGISTERED, TYPE_ONLY_VERSIONS
+from sfp_onnx.training.import_torch import _conversion_failures
 
 torch.set_num_threads(1)
 X = np.random.default_rng(0).standard_normal((2, 3, 7, 6)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Tests of sfp_onnx.data on the real CIFAR-10 images: subsets, transforms, loaders, errors."""
+"""Tests of sfp_onnx.data.datasets on real CIFAR-10 images: subsets, transforms, loaders, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision import transforms as T
 
-from sfp_onnx.data import (
+from sfp_onnx.data.datasets import (
     DataConfig,
     balanced_subset,
     check_num_classes,

@@ -1,4 +1,4 @@
-"""Tests of sfp_onnx.evaluate and ``sfp-onnx eval``: tiny CNNs exported from torch, real CIFAR-10.
+"""Tests of sfp_onnx.runtime.evaluate and ``sfp-onnx eval``: tiny exported CNNs, real CIFAR-10.
 
 The ONNX evaluation (onnxruntime) must count exactly what the torch evaluation of the same
 module counts on the same 200 test images, for dynamic and fixed batch sizes.
@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from sfp_onnx.cli.main import main
 from torch import nn
 
-from sfp_onnx.data import DataConfig, create_loader, load_datasets
+from sfp_onnx.data.datasets import DataConfig, create_loader, load_datasets
 from sfp_onnx.errors import DataError, UnsupportedModelError
-from sfp_onnx.evaluate import (
+from sfp_onnx.runtime.evaluate import (
     Accuracy,
     evaluate_onnx,
     evaluate_torch,

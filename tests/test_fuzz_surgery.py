@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sfp_onnx
-from sfp_onnx.soft_prune import CRITERIA
+from sfp_onnx.graph.soft_prune import CRITERIA
 from tests.exports import export
 from tests.fuzz_checks import assert_exact, assert_layers, check_prune, check_slim, onnx_layers
 from tests.fuzz_models import (

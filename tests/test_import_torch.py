@@ -22,9 +22,9 @@ from sfp_onnx.cli.main import main
 
 import sfp_onnx
 from sfp_onnx.errors import UnsupportedModelError
-from sfp_onnx.import_torch import BatchStatisticsNorm, import_model, write_back
-from sfp_onnx.load import load_model
-from sfp_onnx.runtime import create_session
+from sfp_onnx.graph.load import load_model
+from sfp_onnx.runtime.session import create_session
+from sfp_onnx.training.import_torch import BatchStatisticsNorm, import_model, write_back
 from tests.exports import ResidualNet, cifar10_root, cifar_images, randomize_norms
 
 torch.set_num_threads(1)

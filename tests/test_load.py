@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sfp_onnx.cli.main import main
 
 import sfp_onnx
-from sfp_onnx.runtime import create_session
+from sfp_onnx.runtime.session import create_session
 from tests.exports import ResidualNet, export, randomize_norms
 
 
@@ -202,7 +202,7 @@ def test_shared_initializers_identity_weights_and_constants(tmp_path):
 
 def test_external_data_in_and_out(tmp_path, good_model, monkeypatch):
     """A model with external data is read, verified through files and written the same way."""
-    import sfp_onnx.verify
+    import sfp_onnx.runtime.verify
 
     source = tmp_path / "ext" / "net.onnx"
     source.parent.mkdir()
@@ -210,7 +210,7 @@ def test_external_data_in_and_out(tmp_path, good_model, monkeypatch):
         onnx.load(str(good_model)), str(source), save_as_external_data=True,
         all_tensors_to_one_file=True, location="net.onnx.data", size_threshold=0,
     )  # fmt: skip
-    monkeypatch.setattr(sfp_onnx.verify, "FILE_THRESHOLD", 0)  # as if it were over 2 GB
+    monkeypatch.setattr(sfp_onnx.runtime.verify, "FILE_THRESHOLD", 0)  # as if it were over 2 GB
     out = tmp_path / "out" / "slim.onnx"
     out.parent.mkdir()
     result = sfp_onnx.prune(source, out, rate=0.3, external_data=True)

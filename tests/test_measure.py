@@ -18,9 +18,9 @@ import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
 from sfp_onnx.errors import UnsupportedModelError
-from sfp_onnx.measure import count_layer_costs, count_params, measure_model
-from sfp_onnx.runtime import create_session
-from sfp_onnx.zoo import export_onnx
+from sfp_onnx.graph.measure import count_layer_costs, count_params, measure_model
+from sfp_onnx.runtime.session import create_session
+from sfp_onnx.training.zoo import export_onnx
 
 # Hand-computed costs of _tiny_model(), layer by layer (MACs for one sample, params).
 TINY_LAYERS = [

@@ -16,8 +16,8 @@ import onnx
 import pytest
 
 import sfp_onnx
-from sfp_onnx.measure import measure_model
-from sfp_onnx.runtime import create_session
+from sfp_onnx.graph.measure import measure_model
+from sfp_onnx.runtime.session import create_session
 from tests.exports import TORCHVISION_MODELS, VARIANTS, cifar_images, export, torchvision_model
 
 MIN_MACS_CUT = {"resnet18": 0.45, "resnet50": 0.45, "vgg11_bn": 0.45}

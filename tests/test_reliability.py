@@ -1,7 +1,7 @@
 """Nothing lost: a compress run killed mid-epoch resumes to the same model; a full disk
 leaves no partial file; an unwritable output directory is refused before any work.
 
-Graph case: the CIFAR ResNet-8 of sfp_onnx.zoo (BN kept), real CIFAR-10 subsets. The
+Graph case: the CIFAR ResNet-8 of sfp_onnx.training.zoo (BN kept), real CIFAR-10 subsets. The
 interrupted runs are real ``sfp-onnx`` processes stopped with SIGINT, SIGTERM or SIGKILL
 while an epoch is in progress.
 """
@@ -22,7 +22,7 @@ import torch
 
 import sfp_onnx
 from sfp_onnx.errors import OutputError
-from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 from tests.exports import cifar10_root
 
 CLI = [sys.executable, "-m", "sfp_onnx.cli.main"]

@@ -17,8 +17,8 @@ from sfp_onnx.cli.main import main
 
 import sfp_onnx
 from sfp_onnx.errors import UsageError
-from sfp_onnx.runtime import cuda_available
-from sfp_onnx.target import GPU_ROUND_TO, cpu_flags, cpu_round_to, resolve_round_to
+from sfp_onnx.runtime.session import cuda_available
+from sfp_onnx.runtime.target import GPU_ROUND_TO, cpu_flags, cpu_round_to, resolve_round_to
 
 AVX512 = {"fpu", "sse2", "avx", "avx2", "fma", "avx512f", "avx512bw"}
 AVX2 = {"fpu", "sse2", "avx", "avx2", "fma"}
@@ -39,7 +39,7 @@ ARM = {"fp", "asimd", "aes"}
     ],
 )
 def test_rounded_counts(channels, rate, round_to, pruned):
-    from sfp_onnx.soft_prune import prune_count
+    from sfp_onnx.graph.soft_prune import prune_count
 
     assert prune_count(channels, rate, round_to) == pruned
 
@@ -47,7 +47,7 @@ def test_rounded_counts(channels, rate, round_to, pruned):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A CIFAR ResNet-8 of width 24 with a dynamic batch."""
-    from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+    from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 
     path = tmp_path_factory.mktemp("round_to") / "resnet8.onnx"
     export_onnx(create_cifar_resnet(depth=8, width=24), path)

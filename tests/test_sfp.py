@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from sfp_onnx.analyze import analyze_model
-from sfp_onnx.import_torch import import_model, write_back
-from sfp_onnx.load import clone_model, load_model
-from sfp_onnx.rewrite import rewrite_model
-from sfp_onnx.sfp import SfpConfig, SoftFilterPruner, rate_at
-from sfp_onnx.verify import verify_models
-from sfp_onnx.zeros import removable_channels
+from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.load import clone_model, load_model
+from sfp_onnx.graph.rewrite import rewrite_model
+from sfp_onnx.graph.zeros import removable_channels
+from sfp_onnx.runtime.verify import verify_models
+from sfp_onnx.training.import_torch import import_model, write_back
+from sfp_onnx.training.sfp import SfpConfig, SoftFilterPruner, rate_at
 from tests.exports import ResidualNet, cifar_images, export, randomize_norms
 
 
@@ -50,7 +50,7 @@ def test_import_matches_onnxruntime_and_links_every_pruned_weight(imported):
     images = cifar_images(count=8, size=32)
     with torch.no_grad():
         ours = imp.module.eval()(torch.from_numpy(images)).numpy()
-    from sfp_onnx.verify import _session
+    from sfp_onnx.runtime.verify import _session
 
     theirs = _session(model, "m").run(None, {"input": images})[0]
     assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()

@@ -15,7 +15,7 @@ import torch
 from onnx import numpy_helper
 
 import sfp_onnx
-from sfp_onnx.runtime import create_session
+from sfp_onnx.runtime.session import create_session
 from tests.exports import ResidualNet, cifar_images, export, randomize_norms
 
 

@@ -1,4 +1,4 @@
-"""Tests of sfp_onnx.train: the lr schedule, the loop, checkpoints, resume and interruption.
+"""Tests of sfp_onnx.training.train: the lr schedule, the loop, checkpoints, resume, interrupts.
 
 A tiny CNN (two convolutions with BatchNorm, a linear classifier) trains on CPU on 256 real
 CIFAR-10 training images (augmented) and is evaluated on 100 real test images. The epoch-end
@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-from sfp_onnx.data import DataConfig, Datasets, load_datasets
+from sfp_onnx.data.datasets import DataConfig, Datasets, load_datasets
 from sfp_onnx.errors import DataError, TrainingInterrupted, UsageError
-from sfp_onnx.train import (
+from sfp_onnx.training.train import (
     CHECKPOINT,
     ProgressEvent,
     TrainConfig,

@@ -1,4 +1,4 @@
-"""Tests for sfp_onnx.zoo: the CIFAR ResNet definition and its ONNX export.
+"""Tests for sfp_onnx.training.zoo: the CIFAR ResNet definition and its ONNX export.
 
 Graph cases: ResNet-20/32/56/110 at 32x32 (sizes and multiply-adds against He et al. 2016),
 and ResNet-20 exported with BatchNormalization kept and folded, run in onnxruntime.
@@ -17,8 +17,8 @@ from PIL import Image
 from torch import nn
 
 from sfp_onnx.errors import UsageError
-from sfp_onnx.runtime import create_session
-from sfp_onnx.zoo import create_cifar_resnet, export_onnx
+from sfp_onnx.runtime.session import create_session
+from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 
 CIFAR_TEST = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/exact_subset/test"
 MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)

@@ -10,8 +10,8 @@ exactly 0 before a ReLU gets no gradient at all). After the last epoch every pro
 of the chosen channels is zeroed (filters, biases, norm shifts and running means), so each is
 exactly 0 everywhere and the surgery removes it without changing the output. The rate may
 follow a schedule (constant as in SFP, or the asymptotic ramp of ASFP). Training itself is
-:mod:`sfp_onnx.train`; scoring and choosing are shared with one-shot pruning in
-:mod:`sfp_onnx.soft_prune`.
+:mod:`sfp_onnx.training.train`; scoring and choosing are shared with one-shot pruning in
+:mod:`sfp_onnx.graph.soft_prune`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sfp_onnx.analyze import ZEROED_KINDS, ChannelGroup
 from sfp_onnx.errors import UnsupportedModelError, UsageError
-from sfp_onnx.import_torch import ImportedModel
-from sfp_onnx.soft_prune import (
+from sfp_onnx.graph.groups import ZEROED_KINDS, ChannelGroup
+from sfp_onnx.graph.soft_prune import (
     CRITERIA,
     filter_rows,
     norm_factor,
@@ -35,6 +34,7 @@ from sfp_onnx.soft_prune import (
     scoring_tensors,
     select_channels,
 )
+from sfp_onnx.training.import_torch import ImportedModel
 
 __all__ = ["SCHEDULES", "SfpConfig", "SoftFilterPruner", "rate_at"]
 

@@ -7,7 +7,7 @@ a blocked channel layout (NCHWc) whose block is the vector width in floats: 16 w
 whose channels are not), or a pooling over such a tensor, stays in the plain layout, with
 layout conversions around it. On CUDA, cuDNN's tensor-core kernels want multiples of 8. The
 module only decides the number; counting what to prune with it is
-:func:`sfp_onnx.soft_prune.prune_count`'s job.
+:func:`sfp_onnx.graph.soft_prune.prune_count`'s job.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def resolve_round_to(
     if provider not in _PROVIDERS:
         raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(_PROVIDERS)}")
     if provider == "auto":
-        from sfp_onnx.runtime import cuda_available  # imports onnxruntime: only when needed
+        from sfp_onnx.runtime.session import cuda_available  # imports onnxruntime: only when needed
 
         provider = "cuda" if cuda_available() else "cpu"
     if provider in _GPU_PROVIDERS:

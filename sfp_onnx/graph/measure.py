@@ -4,8 +4,8 @@ This module owns the arithmetic of what a model costs to run and to store: multi
 of its Conv, ConvTranspose, Gemm and MatMul nodes for one sample, its parameter count and its
 size on disk (external data included). It reads a plain ``onnx.ModelProto`` as the file holds
 it, without normalising the graph, so a model is counted the same before and after pruning and
-the numbers compare with other tools'. Timing belongs to :mod:`sfp_onnx.bench`; which channels
-can be removed, and what that saves, to the analysis.
+the numbers compare with other tools'. Timing belongs to :mod:`sfp_onnx.runtime.bench`; which
+channels can be removed, and what that saves, to the analysis.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from sfp_onnx._import_passes import fold_static_shapes
 from sfp_onnx.errors import UnsupportedModelError
-from sfp_onnx.load import read_model_proto
+from sfp_onnx.graph.load import read_model_proto
+from sfp_onnx.graph.passes import fold_static_shapes
 
 __all__ = [
     "LayerCost",

@@ -5,7 +5,7 @@ group, the channel indices to delete; it removes those positions from every slic
 group (filters, biases, norm parameters, per-channel constants, consumer columns — C×H×W
 column blocks after a Flatten) and shrinks every number that counts them (a depthwise Conv's
 ``group``, Reshape targets), then re-infers the shapes in between. The graph's inputs and
-outputs never change. Whether the result is exact is decided by :mod:`sfp_onnx.verify`.
+outputs never change. Whether the result is exact is decided by :mod:`sfp_onnx.runtime.verify`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from sfp_onnx.analyze import Analysis, ChannelGroup
-from sfp_onnx.load import infer_shapes
+from sfp_onnx.graph.groups import Analysis, ChannelGroup
+from sfp_onnx.graph.load import infer_shapes
 
 __all__ = ["RemoveChannelsPass", "rewrite_model"]
 

@@ -1,16 +1,15 @@
 """Import: turn the normalised ONNX graph into a trainable torch module, and write weights back.
 
-This module owns the bridge between the ONNX graph the surgery rewrites and the torch module
-SFP fine-tunes. :func:`import_model` converts a training copy of the graph (prepared by
-:mod:`sfp_onnx._import_passes`: shape arithmetic folded, a fixed batch made dynamic, shapes
-attached) with onnx2torch and the extra converters of :mod:`sfp_onnx.converters`, then links
-every float ONNX initializer to the torch tensor that holds it (a Conv's weight, a BatchNorm's
-running mean, a Linear's weight — transposed when the Gemm had ``transB=0`` — or a constant
-onnx2torch keeps in its ``initializers`` container), so the channel groups, stated in ONNX
-initializer names, address torch tensors directly. Constants read by trainable ops (MatMul
-weights, a layer scale, a norm's affine parameters) become parameters. :func:`write_back`
-copies trained values into the ONNX graph, which the import never changes. Unsupported ops
-are listed, with their versions, before training.
+This module owns the bridge between the ONNX graph the surgery rewrites and the torch module SFP
+fine-tunes. :func:`import_model` converts a training copy of the graph (prepared by
+:mod:`sfp_onnx.graph.passes`: shape arithmetic folded, a fixed batch made dynamic, shapes attached)
+with onnx2torch and the extra converters of :mod:`sfp_onnx.training.converters`, then links every
+float ONNX initializer to the torch tensor that holds it (a Conv's weight, a BatchNorm's running
+mean, a Linear's weight — transposed when the Gemm had ``transB=0`` — or a constant onnx2torch keeps
+in its ``initializers`` container), so the channel groups, stated in ONNX initializer names, address
+torch tensors directly. Constants read by trainable ops (MatMul weights, a layer scale, a norm's
+affine parameters) become parameters. :func:`write_back` copies trained values into the ONNX graph,
+which the import never changes. Unsupported ops are listed, with their versions, before training.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sfp_onnx._import_passes import BATCH_STATISTICS, prepare_training_graph
 from sfp_onnx.errors import UnsupportedModelError
+from sfp_onnx.graph.passes import BATCH_STATISTICS, prepare_training_graph
 
 __all__ = ["ImportedModel", "TensorLink", "import_model", "unsupported_ops", "write_back"]
 
@@ -120,11 +119,11 @@ def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     """``Op-version`` for every node no converter is registered for (empty when all have one).
 
     The version is the op's own (``ReduceMean-18`` in an opset-20 graph); the converters of
-    :mod:`sfp_onnx.converters` count as registered.
+    :mod:`sfp_onnx.training.converters` count as registered.
     """
     from onnx2torch.node_converters.registry import get_converter
 
-    from sfp_onnx.converters import register_converters
+    from sfp_onnx.training.converters import register_converters
 
     register_converters()
     opsets = {o.domain or "": o.version for o in proto.opset_import}

@@ -4,7 +4,7 @@ This module owns reading an image classifier's interface from its ONNX graph (on
 input, ``(batch, classes)`` logits out) and counting correct predictions. Both evaluators count
 with the same function, so an ONNX model and the torch module it came from agree exactly when
 their logits rank the classes the same way. Datasets and loaders come from
-:mod:`sfp_onnx.data`; sessions from :func:`sfp_onnx.runtime.create_session`.
+:mod:`sfp_onnx.data.datasets`; sessions from :func:`sfp_onnx.runtime.session.create_session`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import onnx
 import torch
 from torch.utils.data import Dataset
 
-from sfp_onnx.data import create_loader
+from sfp_onnx.data.datasets import create_loader
 from sfp_onnx.errors import DataError, UnsupportedModelError, UsageError
-from sfp_onnx.load import read_model_proto
-from sfp_onnx.runtime import create_session
+from sfp_onnx.graph.load import read_model_proto
+from sfp_onnx.runtime.session import create_session
 
 __all__ = [
     "TOPK",
@@ -223,9 +223,9 @@ def evaluate_onnx(
         model: path of the ``.onnx`` file.
         dataset: yields ``(image tensor, label)`` pairs of the model's input size.
         batch_size: images loaded (and, for dynamic-batch models, run) at a time.
-        provider: onnxruntime provider, see :func:`sfp_onnx.runtime.resolve_providers`.
+        provider: onnxruntime provider, see :func:`sfp_onnx.runtime.session.resolve_providers`.
         progress: called with ``(samples done, samples in all)`` after each batch.
-        workers: loader processes, see :func:`sfp_onnx.data.create_loader`.
+        workers: loader processes, see :func:`sfp_onnx.data.datasets.create_loader`.
         num_classes: the dataset's class count; the model must have as many outputs.
 
     Raises:

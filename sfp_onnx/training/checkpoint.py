@@ -4,7 +4,7 @@ This module owns how a training state is stored: one ``checkpoint.pt`` per workd
 atomically, holding only tensors and plain containers so that ``torch.load(weights_only=True)``
 reads it. It also captures and restores the global RNGs (torch, CUDA, numpy, Python) and says
 which settings differ between a saved run and a new one. What goes into the state, and when
-to save or resume, is the training loop's (:mod:`sfp_onnx.train`).
+to save or resume, is the training loop's (:mod:`sfp_onnx.training.train`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Latency benchmarking in onnxruntime: several models, several batch sizes, one report.
 
 This module owns timing. It opens one session per model through
-:func:`sfp_onnx.runtime.create_session`, feeds random inputs of each model's own dtype and
+:func:`sfp_onnx.runtime.session.create_session`, feeds random inputs of each model's own dtype and
 shape, and runs the models interleaved (A B A B ...) for each batch size, so that drift of
 the machine (clock, heat, other load) falls on all of them alike. Each (model, batch size) is
 summarised as latency percentiles and throughput beside the static costs that
-:mod:`sfp_onnx.measure` counts. It never prints: the CLI draws the progress bar from the
+:mod:`sfp_onnx.graph.measure` counts. It never prints: the CLI draws the progress bar from the
 callback and the table from the returned :class:`BenchReport`.
 """
 
@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from sfp_onnx import __version__
+from sfp_onnx._version import __version__
 from sfp_onnx.errors import UnsupportedModelError, UsageError
-from sfp_onnx.measure import ModelStats, measure_model
-from sfp_onnx.runtime import OPT_LEVELS, create_session, cuda_available, resolve_providers
+from sfp_onnx.graph.measure import ModelStats, measure_model
+from sfp_onnx.runtime.session import OPT_LEVELS, create_session, cuda_available, resolve_providers
 
 __all__ = ["BenchConfig", "BenchReport", "BenchResult", "benchmark", "speedups"]
 
@@ -57,7 +57,7 @@ class BenchConfig:
     warmup: int = 10  # untimed runs per model and batch size, before the timed ones
     runs: int = 50  # timed runs per model and batch size
     threads: int | None = None  # intra-op threads per session; None: onnxruntime's default
-    provider: str = "auto"  # auto, cpu, cuda or tensorrt (see sfp_onnx.runtime)
+    provider: str = "auto"  # auto, cpu, cuda or tensorrt (see sfp_onnx.runtime.session)
     opt_level: str = "all"  # graph optimisation: all, extended, basic or disable
 
 

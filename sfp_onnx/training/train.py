@@ -6,10 +6,11 @@ epoch-end hook (SFP zeroes filters there), evaluation, checkpoint. A checkpoint 
 fresh process needs to continue bit-identically (weights, optimizer, RNG states, history) plus
 the settings that must match to continue. Ctrl-C or SIGTERM stops at the last checkpoint.
 
-What it leaves to others: which filters to zero (:mod:`sfp_onnx.sfp`, passed in as
-``on_epoch_end``), datasets and loaders (:mod:`sfp_onnx.data`), accuracy counting
-(:mod:`sfp_onnx.evaluate`), the checkpoint file and RNG capture (:mod:`sfp_onnx._checkpoint`),
-and showing progress (the CLI, through ``on_progress`` events).
+What it leaves to others: which filters to zero (:mod:`sfp_onnx.training.sfp`, passed in as
+``on_epoch_end``), datasets and loaders (:mod:`sfp_onnx.data.datasets`), accuracy counting
+(:mod:`sfp_onnx.runtime.evaluate`), the checkpoint file and RNG capture
+(:mod:`sfp_onnx.training.checkpoint`), and showing progress (the CLI, through ``on_progress``
+events).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from sfp_onnx._checkpoint import (
+from sfp_onnx.data.datasets import create_loader
+from sfp_onnx.errors import DataError, TrainingInterrupted, UsageError
+from sfp_onnx.runtime.evaluate import evaluate_torch
+from sfp_onnx.training.checkpoint import (
     CHECKPOINT,
     check_same_run,
     checkpoint_path,
@@ -40,9 +44,6 @@ from sfp_onnx._checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from sfp_onnx.data import create_loader
-from sfp_onnx.errors import DataError, TrainingInterrupted, UsageError
-from sfp_onnx.evaluate import evaluate_torch
 
 __all__ = [
     "CHECKPOINT",

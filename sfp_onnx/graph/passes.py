@@ -1,8 +1,8 @@
 """Passes that prepare the training copy of a graph for onnx2torch.
 
 This module owns the rewrites applied to the copy of the normalised graph that is converted to
-torch, never to the graph that is sliced and written (:mod:`sfp_onnx.load` owns that one). Each
-pass is exact: at the graph's own input shape the rewritten graph computes the same outputs.
+torch, never to the graph that is sliced and written (:mod:`sfp_onnx.graph.load` owns that one).
+Each pass is exact: at the graph's own input shape the rewritten graph computes the same outputs.
 
 - :class:`FoldShapeArithmeticPass`: integer arithmetic on constants (the shape computations of
   a legacy export without constant folding) becomes constants, so shapes can be inferred.
@@ -17,9 +17,9 @@ pass is exact: at the graph's own input shape the rewritten graph computes the s
 
 :func:`prepare_training_graph` runs them on a clone and attaches inferred shapes.
 :func:`fold_static_shapes` folds the shape reads of a fixed-shape graph, so that
-:mod:`sfp_onnx.measure` can size layers whose shapes a legacy export computes at run time.
-Converters are :mod:`sfp_onnx.converters`; the conversion and weight links
-:mod:`sfp_onnx.import_torch`.
+:mod:`sfp_onnx.graph.measure` can size layers whose shapes a legacy export computes at run time.
+Converters are :mod:`sfp_onnx.training.converters`; the conversion and weight links
+:mod:`sfp_onnx.training.import_torch`.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sfp_onnx.errors import ExactnessError, UnsupportedModelError
-from sfp_onnx.load import EXTERNAL_DATA_THRESHOLD, save_model
-from sfp_onnx.runtime import create_session
+from sfp_onnx.graph.load import EXTERNAL_DATA_THRESHOLD, save_model
+from sfp_onnx.runtime.session import create_session
 
 __all__ = ["DEFAULT_TOLERANCE", "Verification", "random_inputs", "verify_models"]
 

@@ -13,8 +13,9 @@ them once; an entry onnx2torch already has is left alone. Two kinds of entry:
 
 Each converter is tested against onnxruntime on a one-node graph (tests/test_converters.py).
 What a converter cannot reproduce exactly raises ``NotImplementedError`` with the reason,
-which :func:`sfp_onnx.import_torch.unsupported_ops` reports. Graph rewrites belong to
-:mod:`sfp_onnx._import_passes`; linking tensors to ONNX names to :mod:`sfp_onnx.import_torch`.
+which :func:`sfp_onnx.training.import_torch.unsupported_ops` reports. Graph rewrites belong to
+:mod:`sfp_onnx.graph.passes`; linking tensors to ONNX names to
+:mod:`sfp_onnx.training.import_torch`.
 """
 
 from __future__ import annotations

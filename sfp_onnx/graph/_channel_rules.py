@@ -1,10 +1,10 @@
 """Channel rules: how each ONNX op creates, passes, joins, reads or blocks channels.
 
 One small function per op family, registered in :data:`RULES` by op type; the analysis driver
-(:mod:`sfp_onnx.analyze`) calls the rule of every node in topological order. A rule reads the
+(:mod:`sfp_onnx.graph.analyze`) calls the rule of every node in topological order. A rule reads the
 layouts of the node's inputs from the context and records slices, joins and blocks; ops
 without a rule block the channels they read (:func:`block_unknown`). Whether zero stays zero
-through an op is not decided here but in :mod:`sfp_onnx.zeros`.
+through an op is not decided here but in :mod:`sfp_onnx.graph.zeros`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from sfp_onnx.analyze import AnalysisContext, Layout
+from sfp_onnx.graph.context import AnalysisContext
+from sfp_onnx.graph.groups import Layout
 
 __all__ = ["PASSTHROUGH_OPS", "RULES", "block_unknown"]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from sfp_onnx.analyze import ZEROED_KINDS, Analysis, ChannelGroup, Layout
+from sfp_onnx.graph.groups import ZEROED_KINDS, Analysis, ChannelGroup, Layout
 
 __all__ = ["find_zero_channels", "first_nonzero_consumers", "removable_channels"]
 

@@ -5,7 +5,7 @@ analysis reads and the surgery rewrites, and the way back to disk (:func:`save_m
 checks the input (exists, parses, passes the ONNX checker, a float graph with a Conv in an
 opset we read) and normalises it with semantics-preserving passes so the analysis sees every
 weight as a private initializer of the node that reads it. It leaves channel reasoning to
-:mod:`sfp_onnx.analyze`.
+:mod:`sfp_onnx.graph.analyze`.
 """
 
 from __future__ import annotations

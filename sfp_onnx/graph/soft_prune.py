@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from sfp_onnx.analyze import ChannelGroup, ChannelSlice
 from sfp_onnx.errors import UsageError
-from sfp_onnx.zeros import masked_arrays
+from sfp_onnx.graph.groups import ChannelGroup, ChannelSlice
+from sfp_onnx.graph.zeros import masked_arrays
 
 __all__ = [
     "CRITERIA",

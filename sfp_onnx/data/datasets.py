@@ -5,7 +5,7 @@ yield normalised ``(C, H, W)`` float tensors of the model's input size, plus the
 class-balanced subsets and deterministic loaders that training and evaluation read. CIFAR-10
 and CIFAR-100 come as an ImageFolder tree (``train/<class>/*.png``, ``test/...``), as
 torchvision's pickled batches, or by download; other datasets as an ImageFolder tree. Running
-models on the data is left to :mod:`sfp_onnx.evaluate` and the training stage.
+models on the data is left to :mod:`sfp_onnx.runtime.evaluate` and the training stage.
 """
 
 from __future__ import annotations

@@ -1,0 +1,169 @@
+"""The analysis context: what a channel rule may read and record while the graph is walked.
+
+This module owns the mutable bookkeeping of one walk: channel spaces (merged with a union-find
+when elementwise ops join them), and per space the slices, count dependencies, consumers and
+block reasons the rules of :mod:`sfp_onnx.graph._channel_rules` record. The driver
+(:mod:`sfp_onnx.graph.analyze`) turns the final classes into :class:`ChannelGroup` records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from sfp_onnx.graph.groups import ChannelSlice, ConsumerPoint, CountDependency, Layout, SliceKind
+
+__all__ = ["AnalysisContext", "SpaceRecords"]
+
+
+class SpaceRecords:
+    """Mutable per-space bookkeeping during the walk, merged into groups at the end."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.slices: list[list[ChannelSlice]] = []
+        self.counts: list[list[CountDependency]] = []
+        self.layers: list[list[str]] = []
+        self.consumers: list[list[ConsumerPoint]] = []
+        self.blocked: list[list[str]] = []
+
+    def new(self, size: int) -> int:
+        for lst in (self.slices, self.counts, self.layers, self.consumers, self.blocked):
+            lst.append([])
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        return len(self.parent) - 1
+
+    def find(self, space: int) -> int:
+        while self.parent[space] != space:
+            self.parent[space] = self.parent[self.parent[space]]
+            space = self.parent[space]
+        return space
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class AnalysisContext:
+    """What a channel rule may read and record while the graph is walked.
+
+    Rules get the node and this context; they read layouts and constants, and record slices,
+    count dependencies, consumers, joins and blocks. See :mod:`sfp_onnx.graph._channel_rules`.
+    """
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.spaces = SpaceRecords()
+        self.layouts: dict[str, Layout] = {}
+
+    # --- reading -------------------------------------------------------------------------
+    def layout(self, value: ir.Value | None) -> Layout | None:
+        """The channel layout of a value, or None if it carries no tracked channels."""
+        return None if value is None else self.layouts.get(value.name)
+
+    @staticmethod
+    def const(value: ir.Value | None) -> np.ndarray | None:
+        """The value of an initializer input, or None for runtime tensors."""
+        if value is None or value.const_value is None:
+            return None
+        return value.const_value.numpy()
+
+    @staticmethod
+    def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+        """The value's shape when every dimension is known, else None."""
+        if value is None or value.shape is None:
+            return None
+        dims = tuple(value.shape)
+        return dims if all(isinstance(d, int) for d in dims) else None
+
+    @staticmethod
+    def rank(value: ir.Value | None) -> int | None:
+        """The value's rank when known."""
+        return None if value is None or value.shape is None else len(value.shape)
+
+    # --- recording -----------------------------------------------------------------------
+    def set_layout(self, value: ir.Value | None, layout: Layout | None) -> None:
+        """Attach a layout to a node output."""
+        if value is not None and layout is not None:
+            self.layouts[value.name] = layout
+
+    def new_space(self, size: int, layer: str) -> int:
+        """A fresh channel space created by ``layer`` (a Conv, Gemm, MatMul...)."""
+        space = self.spaces.new(size)
+        self.spaces.layers[space].append(layer)
+        return space
+
+    def add_slices(
+        self,
+        layout: Layout,
+        tensor: ir.Value,
+        axis: int,
+        kind: SliceKind,
+        node: ir.Node,
+        follows: str | None = None,
+    ) -> None:
+        """Record that ``tensor``'s ``axis`` runs over the channels of ``layout``."""
+        for space, start, _ in layout.offsets():
+            self.spaces.slices[space].append(
+                ChannelSlice(
+                    tensor=tensor.name,
+                    axis=axis,
+                    offset=start * layout.block,
+                    block=layout.block,
+                    kind=kind,
+                    node=node.name,
+                    follows=follows,
+                )
+            )
+
+    def add_count(
+        self,
+        layout: Layout,
+        node: ir.Node,
+        *,
+        attribute: str | None = None,
+        tensor: ir.Value | None = None,
+        position: int = 0,
+        per_channel: int = 1,
+    ) -> None:
+        """Record a number that counts ``layout``'s channels (it shrinks with them)."""
+        for space, _, _ in layout.offsets():
+            self.spaces.counts[space].append(
+                CountDependency(
+                    node=node.name,
+                    attribute=attribute,
+                    tensor=None if tensor is None else tensor.name,
+                    position=position,
+                    per_channel=per_channel,
+                )
+            )
+
+    def add_consumer(self, layout: Layout, node: ir.Node, value: ir.Value) -> None:
+        """Record that ``node`` mixes the channels of ``value``: they must be zero to go."""
+        for space, start, length in layout.offsets():
+            self.spaces.consumers[space].append(
+                ConsumerPoint(node=node.name, value=value.name, start=start, stop=start + length)
+            )
+
+    def join(self, a: Layout, b: Layout) -> bool:
+        """Unify two layouts segment by segment; False when their structures differ."""
+        if [n for _, n in a.segments] != [n for _, n in b.segments]:
+            return False
+        for (sa, _), (sb, _) in zip(a.segments, b.segments, strict=True):
+            self.spaces.union(sa, sb)
+        return True
+
+    def block(self, layout: Layout | None, reason: str) -> None:
+        """Mark every space of ``layout`` as not prunable, with the reason."""
+        if layout is None:
+            return
+        for space, _ in layout.segments:
+            self.spaces.blocked[space].append(reason)
+
+    def block_inputs(self, node: ir.Node, reason: str) -> None:
+        """Block every tracked input of ``node``."""
+        for value in node.inputs:
+            self.block(self.layout(value), reason)
