@@ -20,6 +20,7 @@ from sfp_onnx.data.datasets import (
     create_transform,
     load_datasets,
 )
+from sfp_onnx.data.decoded import DecodedImages
 from sfp_onnx.errors import DataError, UsageError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -27,7 +28,17 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 def _labels(subset) -> list[int]:
+    """Labels of a subset: a Subset of the streaming path, or a decoded data set."""
+    if isinstance(subset, DecodedImages):
+        return [int(t) for t in subset.targets]
     return [subset.dataset.targets[i] for i in subset.indices]
+
+
+def _path(subset, index: int) -> str:
+    """The image file behind ``subset[index]``, on either path."""
+    if isinstance(subset, DecodedImages):
+        return subset.samples[index][0]
+    return subset.dataset.samples[subset.indices[index]][0]
 
 
 def _link_tree(source: Path, target: Path, split: str, classes: list[str], per_class: int) -> None:
@@ -68,9 +79,12 @@ def test_balanced_subset_rejects_limit_below_one() -> None:
         balanced_subset([0, 1], 0, seed=0)
 
 
-def test_cifar_subsets_are_class_balanced_and_seeded(cifar10_root: Path) -> None:
+@pytest.mark.parametrize("decode", [True, False])
+def test_cifar_subsets_are_class_balanced_and_seeded(cifar10_root: Path, decode: bool) -> None:
     """105 test images over 10 classes: five classes get 11, five get 10; train 3 each."""
-    config = DataConfig("cifar10", str(cifar10_root), train_limit=30, eval_limit=105, seed=1)
+    config = DataConfig(
+        "cifar10", str(cifar10_root), train_limit=30, eval_limit=105, seed=1, decode=decode
+    )
     data = load_datasets(config, (32, 32))
     test_counts = collections.Counter(_labels(data.test))
     assert sorted(test_counts.values()) == [10] * 5 + [11] * 5
@@ -78,22 +92,23 @@ def test_cifar_subsets_are_class_balanced_and_seeded(cifar10_root: Path) -> None
     again = load_datasets(config, (32, 32))
     assert again.test.indices == data.test.indices
     assert again.train.indices == data.train.indices
-    other = DataConfig("cifar10", str(cifar10_root), eval_limit=105, seed=2)
+    other = DataConfig("cifar10", str(cifar10_root), eval_limit=105, seed=2, decode=decode)
     assert load_datasets(other, (32, 32), with_train=False).test.indices != data.test.indices
 
 
 # --- datasets and transforms -----------------------------------------------------------------
 
 
-def test_cifar_imagefolder_images_are_normalised_pixels(cifar10_root: Path) -> None:
+@pytest.mark.parametrize("decode", [True, False])
+def test_cifar_imagefolder_images_are_normalised_pixels(cifar10_root: Path, decode) -> None:
     """An eval image at 32 px is exactly (png / 255 - mean) / std of the CIFAR preset."""
-    config = DataConfig("cifar10", str(cifar10_root), eval_limit=20, augment=False)
+    config = DataConfig("cifar10", str(cifar10_root), eval_limit=20, augment=False, decode=decode)
     data = load_datasets(config, (32, 32))
     assert data.classes[:3] == ("airplane", "automobile", "bird")
     assert data.num_classes == 10
     assert (data.mean, data.std) == (CIFAR_MEAN, CIFAR_STD)
     image, label = data.test[7]
-    path, expected_label = data.test.dataset.samples[data.test.indices[7]]
+    path, expected_label = _path(data.test, 7), _labels(data.test)[7]
     pixels = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255
     expected = (pixels - np.array(CIFAR_MEAN, np.float32)) / np.array(CIFAR_STD, np.float32)
     assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
@@ -108,7 +123,7 @@ def test_custom_mean_std_replace_the_preset(cifar10_root: Path) -> None:
     data = load_datasets(config, (32, 32), with_train=False)
     assert data.train is None and data.std == (0.25, 0.25, 0.25)
     image, _ = data.test[0]
-    path = data.test.samples[0][0]
+    path = data.test.samples[0][0]  # the whole test set: an ImageFolder, or decoded from one
     pixels = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255
     np.testing.assert_allclose(image.numpy(), (pixels.transpose(2, 0, 1) - 0.5) / 0.25, atol=1e-5)
 
