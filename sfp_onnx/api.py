@@ -163,6 +163,11 @@ def write_pruned(
     verification = verify_models(
         masked, slim_model, feeds=verify_feeds, description=verify_description
     )
+    if not verification.finite:
+        raise ExactnessError(
+            f"the model gives non-finite outputs (NaN or Inf) on {verification.inputs} inputs; "
+            "nothing was written"
+        )
     if not verification.exact:
         raise ExactnessError(
             f"the rewritten model differs from the masked one by {verification.max_abs_diff:.3g} "

@@ -14,6 +14,7 @@ __all__ = [
     "InvalidModelError",
     "OutputError",
     "SfpError",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "UnsupportedModelError",
     "UsageError",
@@ -60,6 +61,12 @@ class OutputError(SfpError):
     """An output path cannot be written (read-only directory, full disk, same as input)."""
 
     exit_code = 6
+
+
+class TrainingDiverged(SfpError):
+    """The loss or the weights went non-finite or exploded; the last good checkpoint is kept."""
+
+    exit_code = 7
 
 
 class TrainingInterrupted(SfpError):

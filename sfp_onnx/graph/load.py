@@ -81,18 +81,41 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    from onnx.external_data_helper import uses_external_data
 
-    missing = sorted(
-        {
-            entry.value
-            for tensor in onnx.external_data_helper._get_all_tensors(model)
-            if uses_external_data(tensor)
-            for entry in tensor.external_data
-            if entry.key == "location" and not (path.parent / entry.value).exists()
-        }
-    )
+    return {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(model)
+        if uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+
+
+def _check_location(path: Path, location: str) -> None:
+    """Refuse external data that is not a plain file inside the model's own folder.
+
+    A model file must not make sfp-onnx read anything else: an absolute path, a ``..`` that
+    climbs out of the folder, or a symbolic link (which may point anywhere).
+    """
+    folder = path.parent.resolve()
+    target = path.parent / location
+    inside = not Path(location).is_absolute() and ".." not in Path(location).parts
+    if not inside or target.is_symlink() or not target.resolve().is_relative_to(folder):
+        raise InvalidModelError(
+            f"{path} keeps weights in {location!r}, outside its own folder or through a "
+            "symbolic link; external data must be a file beside the model"
+        )
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import load_external_data_for_model
+
+    locations = _external_locations(model)
+    for location in sorted(locations):
+        _check_location(path, location)
+    missing = sorted(loc for loc in locations if not (path.parent / loc).exists())
     if missing:
         raise InvalidModelError(
             f"{path} keeps its weights in {', '.join(missing)}, which is missing beside it"

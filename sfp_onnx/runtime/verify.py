@@ -2,8 +2,9 @@
 
 This module owns the exactness check every model-writing command ends with. Both models run
 in onnxruntime on the same inputs (seeded random tensors shaped like the graph inputs, or real
-images); the check passes when the largest absolute difference over all outputs is within
-``tolerance × max|reference|`` (float32 round-off). It never writes anything.
+images); the check passes when every output of both is finite and the largest absolute
+difference over all outputs is within ``tolerance × max|reference|`` (float32 round-off). A
+NaN or an infinity never passes. It never writes anything.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Verification:
     samples: int
     top1_agreement: float | None
     exact: bool
+    finite: bool = True  # every output of both models was a finite number (NaN never passes)
 
     def to_json(self) -> dict:
         """The report's ``verification`` entry."""
@@ -116,7 +118,7 @@ def verify_models(
     if feeds is None:
         feeds = [random_inputs(ref, batch=b, seed=seed + b) for b in (1, 2)]
         description = description or "random normal"
-    max_diff, max_ref, agree, total = 0.0, 0.0, 0, 0
+    max_diff, max_ref, agree, total, finite = 0.0, 0.0, 0, 0, True
     for feed in feeds:
         outs_ref, outs_cand = ref.run(None, feed), cand.run(None, feed)
         for y_ref, y_cand in zip(outs_ref, outs_cand, strict=True):
@@ -124,13 +126,16 @@ def verify_models(
                 raise ExactnessError(
                     f"output shapes differ: reference {y_ref.shape}, rewritten {y_cand.shape}"
                 )
-            max_diff = max(max_diff, float(np.max(np.abs(y_ref - y_cand), initial=0.0)))
-            max_ref = max(max_ref, float(np.max(np.abs(y_ref), initial=0.0)))
+            if np.issubdtype(y_ref.dtype, np.floating):
+                finite = finite and bool(np.isfinite(y_ref).all() and np.isfinite(y_cand).all())
+            # a NaN would slip through max(): np.nanmax keeps it out, ``finite`` reports it
+            max_diff = max(max_diff, float(np.nanmax(np.abs(y_ref - y_cand), initial=0.0)))
+            max_ref = max(max_ref, float(np.nanmax(np.abs(y_ref), initial=0.0)))
         first_ref, first_cand = outs_ref[0], outs_cand[0]
         if first_ref.ndim == 2:
             agree += int((first_ref.argmax(1) == first_cand.argmax(1)).sum())
             total += first_ref.shape[0]
-    exact = bool(np.isfinite(max_diff) and max_diff <= tolerance * max(max_ref, 1e-30))
+    exact = bool(finite and np.isfinite(max_diff) and max_diff <= tolerance * max(max_ref, 1e-30))
     return Verification(
         max_abs_diff=max_diff,
         max_abs_reference=max_ref,
@@ -138,4 +143,5 @@ def verify_models(
         samples=sum(next(iter(f.values())).shape[0] for f in feeds),
         top1_agreement=agree / total if total else None,
         exact=exact,
+        finite=finite,
     )
