@@ -21,13 +21,14 @@ from torch import nn
 import sfp_onnx
 from sfp_onnx.runtime.bench import BenchConfig, BenchReport, benchmark
 from sfp_onnx.runtime.target import cpu_flags, cpu_round_to
-from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
+from sfp_onnx.training.zoo import create_cifar_resnet, create_cifar_vgg, export_onnx
 
 __all__ = [
     "Pruned",
     "bench_on_budget",
     "create_model",
     "export_model",
+    "fold_zoo_export",
     "nchwc_block",
     "nchwc_misses",
     "parse_spec",
@@ -67,6 +68,31 @@ def export_model(spec: str, folder: Path, *, fold_bn: bool = False) -> Path:
     path = folder / f"{name}_{size}{'_fold' if fold_bn else ''}.onnx"
     if not path.exists():
         export_onnx(create_model(name), path, input_size=(3, size, size), fold_bn=fold_bn)
+    return path
+
+
+def fold_zoo_export(source: Path, path: Path) -> Path:
+    """Re-export a trained zoo model (CIFAR ResNet or VGG) with every BatchNorm folded.
+
+    The weights are read back from ``source``'s initializers (they keep the torch names), and
+    the legacy exporter folds each Conv+BatchNorm, as it does by default for users' models.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {
+        t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
+        for t in onnx.load(str(source)).graph.initializer
+    }
+    if "features.0.weight" in weights:
+        model = create_cifar_vgg()
+    else:
+        blocks = len({k.split(".")[1] for k in weights if k.startswith("layer1.")})
+        model = create_cifar_resnet(6 * blocks + 2)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if [k for k in missing if not k.endswith("num_batches_tracked")] or unexpected:
+        raise ValueError(f"{source} is not a zoo model ({missing[:3]}, {unexpected[:3]})")
+    export_onnx(model, path, fold_bn=True)
     return path
 
 

@@ -1,20 +1,23 @@
-"""What Soft Filter Pruning costs on top of training: one SFP epoch vs a plain torch epoch.
+"""What soft pruning costs on top of training: a pruning epoch vs a plain torch epoch.
 
 The same module (a CIFAR ResNet exported to ONNX and imported back into torch, as
-``compress`` does) trains one epoch on the same real CIFAR-10 images twice, alternately:
+``compress`` does) trains one epoch on the same real CIFAR-10 images, alternately:
 
 - plain: a bare torch loop (SGD with Nesterov momentum, cross entropy), nothing else;
-- SFP: :func:`sfp_onnx.training.train.train` with
-  :class:`sfp_onnx.training.sfp.SoftFilterPruner` as the epoch-end hook, i.e. what ``compress`` runs
-  per epoch (lr schedule, progress events, the pruning step and the checkpoint).
+- soft-mask: :func:`sfp_onnx.training.train.train` with ``compress``'s default pruner
+  (:class:`sfp_onnx.training.soft_masks.SoftMaskPruner`: gates on every forward pass,
+  re-selection every 16 steps) and the checkpoint;
+- soft-mask + distillation: the same, with the input model as the teacher (one extra forward);
+- sfp-paper: ``train`` with the paper's epoch-end step
+  (:class:`sfp_onnx.training.sfp.PaperSfpPruner`).
 
-Both start from the same weights, read the same shuffled batches (same loader seed, loading
-in-process) and run on the CPU. The overhead is split into the pruning step itself and the
-rest (schedule, bookkeeping, checkpoint). Medians over alternating repeats.
+All start from the same weights, read the same shuffled batches (same loader seed, loading
+in-process) and run on the CPU. The time spent inside the hooks is measured separately.
+Medians over alternating repeats.
 
 Usage (from the repository root)::
 
-    python benchmarks/sfp_overhead.py            # ~6 min on 2 cores
+    python benchmarks/sfp_overhead.py            # ~10 min on 2 cores
     python benchmarks/sfp_overhead.py --quick    # smoke run, into a scratch folder
 """
 
@@ -35,8 +38,11 @@ from torch.utils.data import Subset
 from sfp_onnx.data.datasets import DataConfig, create_loader, load_datasets
 from sfp_onnx.graph.analyze import analyze_model
 from sfp_onnx.graph.load import load_model
+from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import import_model
-from sfp_onnx.training.sfp import SfpConfig, SoftFilterPruner
+from sfp_onnx.training.objectives import Distillation, DistillConfig
+from sfp_onnx.training.sfp import PaperSfpPruner, SfpConfig
+from sfp_onnx.training.soft_masks import SoftMaskPruner
 from sfp_onnx.training.train import TrainConfig, train
 from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 
@@ -88,19 +94,48 @@ def plain_epoch(module: torch.nn.Module, dataset, config: TrainConfig) -> float:
     return time.perf_counter() - started
 
 
-def sfp_epoch(imported, groups, dataset, config: TrainConfig, rate: float, workdir: Path) -> dict:
-    """One epoch of ``train`` with the SFP hook; total, epoch and hook seconds."""
-    pruner = SoftFilterPruner(imported, groups, SfpConfig(rate=rate))
-    hook_seconds = []
+class Timed(TrainingHook):
+    """Runs another hook and adds up the seconds spent in it."""
 
-    def hook(epoch: int, _module: torch.nn.Module) -> dict:
+    def __init__(self, hook: TrainingHook) -> None:
+        self.hook, self.name, self.seconds = hook, hook.name, 0.0
+
+    def _timed(self, method: str, *args):
         started = time.perf_counter()
-        result = pruner.step(epoch, config.epochs)
-        hook_seconds.append(time.perf_counter() - started)
+        result = getattr(self.hook, method)(*args)
+        self.seconds += time.perf_counter() - started
         return result
 
-    result = train(imported.module, dataset, None, config, workdir=workdir, on_epoch_end=hook)
-    return {"total": result.seconds, "epoch": result.epochs[0].seconds, "hook": hook_seconds[0]}
+    def start(self, steps_per_epoch: int, epochs: int) -> None:
+        self._timed("start", steps_per_epoch, epochs)
+
+    def after_step(self, step: int) -> None:
+        self._timed("after_step", step)
+
+    def epoch_end(self, epoch: int) -> dict:
+        return self._timed("epoch_end", epoch)
+
+
+ARMS = ("soft-mask", "soft-mask + distillation", "sfp-paper")
+
+
+def pruning_epoch(
+    kind: str, imported, model, analysis, teacher, dataset, config, rate, workdir
+) -> dict:
+    """One epoch of ``train`` with the arm's hook; total, epoch and in-hook seconds."""
+    if kind == "sfp-paper":
+        hook = PaperSfpPruner(imported, list(analysis.groups), SfpConfig(rate, method="sfp-paper"))
+    else:
+        hook = SoftMaskPruner(imported, model, analysis, SfpConfig(rate=rate))
+    timed = Timed(hook)
+    objective = Distillation(teacher, DistillConfig()) if "distillation" in kind else None
+    result = train(
+        imported.module, dataset, None, config, workdir=workdir, hooks=[timed],
+        objective=objective,
+    )  # fmt: skip
+    if isinstance(hook, SoftMaskPruner):
+        hook.gates.remove()
+    return {"total": result.seconds, "epoch": result.epochs[0].seconds, "hook": timed.seconds}
 
 
 def main() -> None:
@@ -113,81 +148,63 @@ def main() -> None:
     )
     data = DataConfig(name="imagefolder", root=str(args.data_root), train_limit=args.images)
     dataset = load_datasets(data, (32, 32)).train
-    plain, sfp = [], []
+    times: dict[str, list] = {"plain": [], **{arm: [] for arm in ARMS}}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(create_cifar_resnet(args.depth), path)
         model = load_model(path)
-        groups = analyze_model(model).groups
-        imported = import_model(model)
+        analysis = analyze_model(model)
+        imported, teacher = import_model(model), import_model(load_model(path)).module
         start = {k: v.clone() for k, v in imported.module.state_dict().items()}
         plain_epoch(imported.module, Subset(dataset, range(config.batch_size)), config)  # warm-up
         for repeat in range(args.repeats):
             print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
-            for kind in ("plain", "sfp") if repeat % 2 == 0 else ("sfp", "plain"):
+            order = list(times) if repeat % 2 == 0 else list(times)[::-1]
+            for kind in order:
                 imported.module.load_state_dict(start)
                 torch.manual_seed(repeat)
                 if kind == "plain":
-                    plain.append(plain_epoch(imported.module, dataset, config))
-                else:
-                    workdir = Path(tmp) / f"run{repeat}"
-                    sfp.append(sfp_epoch(imported, groups, dataset, config, args.rate, workdir))
-    plain_s = statistics.median(plain)
-    sfp_s = {k: statistics.median(s[k] for s in sfp) for k in ("total", "epoch", "hook")}
-    loop = sfp_s["epoch"] - sfp_s["hook"] - plain_s  # train()'s loop against the bare one
-    fixed = sfp_s["total"] - sfp_s["epoch"]  # setup and checkpoint, once per epoch
+                    times[kind].append(plain_epoch(imported.module, dataset, config))
+                    continue
+                workdir = Path(tmp) / f"{kind}{repeat}".replace(" ", "_")
+                record = pruning_epoch(
+                    kind, imported, model, analysis, teacher, dataset, config, args.rate, workdir
+                )
+                times[kind].append(record)
+    plain_s = statistics.median(times["plain"])
+    medians = {
+        arm: {k: statistics.median(r[k] for r in times[arm]) for k in ("total", "epoch", "hook")}
+        for arm in ARMS
+    }
+    rows = [["plain torch epoch", f"{plain_s:.2f}", "—", "—"]]
+    for arm, m in medians.items():
+        rows.append([
+            f"`train` + {arm} + checkpoint", f"{m['total']:.2f}",
+            f"{m['total'] / plain_s - 1:+.1%}", f"{m['hook']:.3f} ({m['hook'] / plain_s:.2%})",
+        ])  # fmt: skip
     full = plain_s / args.images * FULL_EPOCH  # a whole CIFAR-10 epoch, extrapolated
-    rows = [
-        ["plain torch epoch", f"{plain_s:.2f}", "—"],
-        [
-            "SFP epoch: `train` + SFP step + checkpoint",
-            f"{sfp_s['total']:.2f}",
-            f"{sfp_s['total'] / plain_s - 1:+.1%}",
-        ],
-        [
-            "  the SFP step (score, choose, zero)",
-            f"{sfp_s['hook']:.3f}",
-            f"{sfp_s['hook'] / plain_s:+.2%}",
-        ],
-        [
-            "  `train`'s loop beyond the bare loop (schedule, events; noise)",
-            f"{loop:+.2f}",
-            f"{loop / plain_s:+.1%}",
-        ],
-        ["  setup and checkpoint", f"{fixed:.2f}", f"{fixed / plain_s:+.1%}"],
-    ]
-    per_epoch = sfp_s["hook"] + fixed
     body = "\n".join(
         [
             f"CIFAR ResNet-{args.depth} (ONNX, imported into torch), {args.images} real CIFAR-10 "
             f"training images, batch {args.batch_size}, rate {args.rate}, CPU "
             f"({torch.get_num_threads()} torch threads), median of {args.repeats} alternating "
-            "repeats (after one warm-up batch).\n",
-            md_table(["", "seconds", "vs plain"], rows),
-            f"\nThe SFP step and the checkpoint are paid once per epoch ({per_epoch:.2f} s here); "
-            f"over a full CIFAR-10 epoch ({FULL_EPOCH:,} images, ~{full:.0f} s of plain training "
-            f"at this speed) they would add {per_epoch / full:.3%}.\n",
+            "repeats (after one warm-up batch). The hook column is the time spent inside the "
+            "pruner's own calls (scoring and re-selection); the gates' multiplications run "
+            "inside the forward pass and count in the epoch.\n",
+            md_table(["", "seconds", "vs plain", "in the hook (vs plain)"], rows),
+            f"\nA full CIFAR-10 epoch ({FULL_EPOCH:,} images) is ~{full:.0f} s of plain training "
+            "at this speed.\n",
         ]
     )
     md, js = write_results(
-        run,
-        args.out,
-        title="SFP overhead: one SFP epoch vs a plain torch epoch",
+        run, args.out, title="Soft pruning overhead: pruning epochs vs a plain torch epoch",
         body=body,
         data={
-            "depth": args.depth,
-            "images": args.images,
-            "batch_size": args.batch_size,
-            "rate": args.rate,
-            "plain_s": plain,
-            "sfp_s": sfp,
-            "median_plain_s": plain_s,
-            "median_sfp_s": sfp_s,
-            "overhead": sfp_s["total"] / plain_s - 1,
-            "per_epoch_fixed_s": per_epoch,
-            "full_epoch_overhead": per_epoch / full,
+            "depth": args.depth, "images": args.images, "batch_size": args.batch_size,
+            "rate": args.rate, "seconds": times, "median_plain_s": plain_s, "medians": medians,
+            "overhead": {arm: m["total"] / plain_s - 1 for arm, m in medians.items()},
         },
-    )
+    )  # fmt: skip
     print(f"wrote {md}, {js}")
 
 

@@ -103,17 +103,93 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 )
 @click.option(
     "--criterion",
-    type=click.Choice(["l2", "l1", "fpgm"]),
+    type=click.Choice(["l2", "l1", "fpgm", "taylor"]),
     default="l2",
     show_default=True,
-    help="Filter importance: L2 norm (SFP), L1 norm or FPGM (geometric median).",
+    help="Channel importance: L2 norm (SFP), L1 norm, FPGM (geometric median), or taylor "
+    "(soft-mask: how much the loss changes per channel, measured on the training batches).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["soft-mask", "sfp-paper"]),
+    default="soft-mask",
+    show_default=True,
+    help="soft-mask: whole channels (filter, bias, norm scale and shift) masked in the forward "
+    "pass, re-chosen every --reselect-every steps, frozen for the last --freeze of training. "
+    "sfp-paper: the paper's epoch-end zeroing of filter rows (loses accuracy on BN networks).",
 )
 @click.option(
     "--schedule",
     type=click.Choice(["constant", "asymptotic"]),
-    default="constant",
+    default="asymptotic",
     show_default=True,
-    help="Pruning rate over epochs: constant (SFP) or an exponential ramp to --rate (ASFP).",
+    help="Pruning rate over the pruning phase: an exponential ramp to --rate (ASFP) or "
+    "--rate from the start (SFP).",
+)
+@click.option(
+    "--reselect-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="soft-mask: optimizer steps between re-selections of the masks (and at epoch ends "
+    "in the pruning phase). Default: 8 selections over the pruning phase.",
+)
+@click.option(
+    "--freeze",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.9,
+    show_default=True,
+    help="soft-mask: final fraction of the training steps with the masks frozen, so the network "
+    "recovers with exactly its final structure.",
+)
+@click.option(
+    "--masked-scale",
+    type=click.Choice(["zero", "decay"]),
+    default="zero",
+    show_default=True,
+    help="soft-mask: masked channels are multiplied by 0, or by a factor decaying to 0 over the "
+    "pruning phase.",
+)
+@click.option(
+    "--straight-through/--no-straight-through",
+    default=False,
+    show_default=True,
+    help="soft-mask: masked channels still get the full gradient, as if kept (measured to "
+    "hurt: the kept layers then train on paths the network does not have).",
+)
+@click.option(
+    "--distill/--no-distill",
+    default=True,
+    show_default=True,
+    help="Distil from MODEL itself (imported once more, frozen): the loss mixes cross entropy "
+    "with the KL divergence to its softened outputs. Costs one extra forward pass per step.",
+)
+@click.option(
+    "--distill-weight",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="Share of the loss from the teacher: (1-w)·CE + w·T²·KL.",
+)
+@click.option(
+    "--distill-temperature",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=4.0,
+    show_default=True,
+    help="Temperature T that softens the teacher's and the student's outputs.",
+)
+@click.option(
+    "--teacher",
+    "teacher_model",
+    type=click.Path(dir_okay=False),
+    help="Distil from this ONNX model instead of MODEL (same input size and classes), e.g. "
+    "the unpruned original when MODEL was pruned already.",
+)
+@click.option(
+    "--insert-norms/--no-insert-norms",
+    default=True,
+    show_default=True,
+    help="BN-folded exports: train with a BatchNorm after each convolution no norm reads, "
+    "folded back exactly before writing.",
 )
 @click.option(
     "--round-to",
@@ -167,10 +243,10 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 @click.option(
     "--bn-recalibration",
     type=click.IntRange(min=0),
-    default=50,
-    show_default=True,
-    help="Training batches that re-estimate BatchNorm statistics after each epoch's zeroing "
-    "(0: off). Evaluation and the written model need them; training does not.",
+    default=None,
+    help="Training batches that re-estimate BatchNorm statistics after each epoch's masks "
+    "(0: off). Default: 50 with sfp-paper, whose zeroing changes them; 0 with soft-mask, whose "
+    "statistics follow the masks during training.",
 )
 @click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option(
@@ -181,9 +257,10 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 )
 def compress(
     model, output, rate, data_name, data_root, epochs, lr, batch_size, weight_decay,
-    lr_schedule, criterion, schedule, round_to, independent_layers, device, workdir, resume,
-    train_limit, eval_limit, mean, std, seed, workers, save_masked, report, bn_recalibration,
-    no_bench,
+    lr_schedule, criterion, method, schedule, reselect_every, freeze, masked_scale,
+    straight_through, distill, distill_weight, distill_temperature, teacher_model,
+    insert_norms, round_to, independent_layers, device, workdir, resume, train_limit,
+    eval_limit, mean, std, seed, workers, save_masked, report, bn_recalibration, no_bench,
     external_data,
 ) -> None:  # fmt: skip
     """Fine-tune MODEL with Soft Filter Pruning and write a smaller, exact ONNX.
@@ -201,6 +278,7 @@ def compress(
     from sfp_onnx.data.datasets import DataConfig
     from sfp_onnx.pipeline import CompressOptions
     from sfp_onnx.pipeline import compress as run_compress
+    from sfp_onnx.training.objectives import DistillConfig
     from sfp_onnx.training.sfp import SfpConfig
     from sfp_onnx.training.train import TrainConfig
 
@@ -208,13 +286,18 @@ def compress(
         name=data_name, root=data_root, mean=_floats(mean), std=_floats(std),
         train_limit=train_limit, eval_limit=eval_limit, seed=seed,
     )  # fmt: skip
-    sfp = SfpConfig(rate=rate, criterion=criterion, schedule=schedule, round_to=round_to,
-                    independent_layers=independent_layers,
-                    bn_recalibration=bn_recalibration)  # fmt: skip
+    sfp = SfpConfig(
+        rate=rate, method=method, criterion=criterion, schedule=schedule, round_to=round_to,
+        reselect_every=reselect_every, freeze=freeze, masked_scale=masked_scale,
+        straight_through=straight_through, independent_layers=independent_layers,
+        bn_recalibration=bn_recalibration,
+    )  # fmt: skip
     training = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         schedule=lr_schedule, device=device, seed=seed, workers=workers,
+        insert_norms=insert_norms,
     )  # fmt: skip
+    teacher = DistillConfig(enabled=distill, weight=distill_weight, temperature=distill_temperature)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
@@ -224,7 +307,9 @@ def compress(
             report=report, bench=not no_bench, progress=_TrainingBars(progress),
             external_data=external_data,
         )  # fmt: skip
-        result = run_compress(model, output, sfp=sfp, data=data, training=training, options=options)
+        result = run_compress(
+            model, output, sfp=sfp, data=data, training=training, distill=teacher, options=options
+        )
     render_report(result)
     accuracy = result.extra["accuracy"]
     console.print(

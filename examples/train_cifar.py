@@ -1,14 +1,19 @@
-"""Train ResNet-20 on CIFAR-10 and export it to ONNX: the example model that sfp-onnx ships.
+"""Train a CIFAR-10 model and export it to ONNX: the example models that sfp-onnx ships.
+
+``--arch resnet`` (default) trains the CIFAR ResNet of ``--depth`` (ResNet-20 is
+examples/resnet20_cifar10.onnx); ``--arch vgg`` the small CIFAR VGG with BatchNorm and a
+two-layer classifier of sfp_onnx.training.zoo (examples/vgg_cifar10.onnx), a family without
+residual joins.
 
 Run from the repository root (sfp_onnx need not be installed; only torch, numpy and pillow are
 needed to train, plus the onnx package to export):
 
-    PYTHONPATH=. python examples/train_resnet20.py                          # ImageFolder tree
-    PYTHONPATH=. python examples/train_resnet20.py --make-npz /tmp/c10.npz  # build a cache, exit
-    PYTHONPATH=. python examples/train_resnet20.py --npz /tmp/c10.npz --epochs 30
+    PYTHONPATH=. python examples/train_cifar.py                          # ImageFolder tree
+    PYTHONPATH=. python examples/train_cifar.py --make-npz /tmp/c10.npz  # build a cache, exit
+    PYTHONPATH=. python examples/train_cifar.py --npz /tmp/c10.npz --epochs 30
     ... --make-npz /tmp/c10j.npz --npz-jpeg 75   # 17.5 MiB cache of JPEGs, 163 MiB as uint8
-    PYTHONPATH=. python examples/train_resnet20.py --limit-train 512 --epochs 1   # smoke run
-    PYTHONPATH=. python examples/train_resnet20.py --export-only model.pt   # re-export a checkpoint
+    PYTHONPATH=. python examples/train_cifar.py --limit-train 512 --epochs 1   # smoke run
+    PYTHONPATH=. python examples/train_cifar.py --export-only model.pt   # re-export a checkpoint
 
 The whole data set lives on the device as uint8 (180 MB); augmentation (4-pixel-pad random
 crop, horizontal flip) and normalisation run there too, batch by batch, so no DataLoader
@@ -37,13 +42,13 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 try:
-    from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
+    from sfp_onnx.training.zoo import create_cifar_resnet, create_cifar_vgg, export_onnx
 except ImportError:  # sfp_onnx/__init__ needs onnx, onnx-ir, onnxruntime: skip it, zoo needs torch
     for name in [m for m in sys.modules if m == "sfp_onnx" or m.startswith("sfp_onnx.")]:
         del sys.modules[name]
     sys.modules["sfp_onnx"] = types.ModuleType("sfp_onnx")
     sys.modules["sfp_onnx"].__path__ = [str(REPO / "sfp_onnx")]
-    from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
+    from sfp_onnx.training.zoo import create_cifar_resnet, create_cifar_vgg, export_onnx
 # -----------------------------------------------------------------------------
 # defaults: each is overridden by its flag (--depth, ..., --out; --data-root for DATA_ROOTS)
 DATA_ROOTS = [REPO.parent / "shared/data/cifar10", REPO / "shared/data/cifar10"]  # first found
@@ -74,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--limit-train", type=int, help="train on a random subset of N images")
     src.add_argument("--limit-test", type=int, help="evaluate on a random subset of N")
     opt = p.add_argument_group("training")
-    opt.add_argument("--depth", type=int, default=DEPTH)
+    opt.add_argument("--arch", choices=["resnet", "vgg"], default="resnet")
+    opt.add_argument("--depth", type=int, default=DEPTH, help="resnet: depth 6n+2")
     opt.add_argument("--epochs", type=int, default=EPOCHS)
     opt.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     opt.add_argument("--lr", type=float, default=LR)
@@ -220,6 +226,11 @@ def evaluate(model, x, y, mean, std, batch: int, autocast) -> float:
     return 100.0 * correct.item() / len(x)
 
 
+def create_model(arch: str, depth: int) -> torch.nn.Module:
+    """The network to train: a CIFAR ResNet of ``depth``, or the CIFAR VGG."""
+    return create_cifar_resnet(depth) if arch == "resnet" else create_cifar_vgg()
+
+
 def train(args: argparse.Namespace, data: dict[str, np.ndarray], device: torch.device) -> dict:
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
@@ -231,7 +242,7 @@ def train(args: argparse.Namespace, data: dict[str, np.ndarray], device: torch.d
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
-    model = create_cifar_resnet(args.depth).to(device, memory_format=fmt)
+    model = create_model(args.arch, args.depth).to(device, memory_format=fmt)
     opt = torch.optim.SGD(
         model.parameters(),
         lr=args.lr,
@@ -292,7 +303,7 @@ def train(args: argparse.Namespace, data: dict[str, np.ndarray], device: torch.d
 def describe_run(args, history: list[dict], n_train: int, n_test: int, seconds, device) -> dict:
     """The record written to the .json: final accuracy, timing, environment, command line."""
     return {
-        "model": f"resnet{args.depth}",
+        "model": f"resnet{args.depth}" if args.arch == "resnet" else "vgg",
         "dataset": "cifar10",
         "test_acc": history[-1]["test_acc"] if history else None,
         "train_images": n_train,
@@ -327,7 +338,8 @@ def save_outputs(model: torch.nn.Module, result: dict, out: Path) -> None:
 def export_checkpoint(ckpt_path: Path, out: Path) -> None:
     """--export-only: rebuild the model from a .pt written by this script, then save_outputs."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model = create_cifar_resnet(ckpt["result"]["args"]["depth"])
+    saved = ckpt["result"]["args"]
+    model = create_model(saved.get("arch", "resnet"), saved["depth"])
     model.load_state_dict(ckpt["model"])
     save_outputs(model, ckpt["result"], out)
 

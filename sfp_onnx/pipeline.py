@@ -1,10 +1,12 @@
-"""The whole job: ONNX in, SFP fine-tuning, a smaller exact ONNX out, measured.
+"""The whole job: ONNX in, soft-pruning fine-tuning, a smaller exact ONNX out, measured.
 
 This module owns the ``compress`` flow and only strings the stages together: load and
 analyze the ONNX graph, open the data, measure the input's accuracy in onnxruntime, import
-into torch (checked against onnxruntime), fine-tune with the SFP epoch-end step, write the
-trained and masked weights back into the graph, hand it to the exact surgery, then measure
-the written file: accuracy, agreement with the torch model, MACs, parameters and latency.
+into torch (checked against onnxruntime), put norms back into a BN-folded export, fine-tune
+with the pruner as a training hook (and the input model as the teacher), fold the norms back,
+make the masks exact, write the trained weights into the graph, hand it to the exact surgery,
+then measure the written file: accuracy, agreement with the torch model, MACs, parameters and
+latency.
 """
 
 from __future__ import annotations
@@ -23,21 +25,27 @@ from sfp_onnx.api import Outputs, write_pruned
 from sfp_onnx.data.datasets import DataConfig, check_num_classes, create_loader, load_datasets
 from sfp_onnx.errors import UnsupportedModelError, UsageError
 from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.groups import Analysis
 from sfp_onnx.graph.load import load_model
-from sfp_onnx.graph.soft_prune import CRITERIA
 from sfp_onnx.report import Report
 from sfp_onnx.runtime.evaluate import evaluate_onnx, read_signature
 from sfp_onnx.runtime.session import create_session
 from sfp_onnx.runtime.target import resolve_round_to
+from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import ImportedModel, import_model, write_back
-from sfp_onnx.training.sfp import SCHEDULES, SfpConfig, SoftFilterPruner
-from sfp_onnx.training.train import TrainConfig, recalibrate_batchnorm, resolve_device, train
+from sfp_onnx.training.norms import BatchNormRecalibration, InsertedNorms
+from sfp_onnx.training.objectives import Distillation, DistillConfig
+from sfp_onnx.training.sfp import PaperSfpPruner, SfpConfig, recalibration_batches
+from sfp_onnx.training.soft_masks import SoftMaskPruner
+from sfp_onnx.training.train import TrainConfig, resolve_device, train
 
 __all__ = ["CompressOptions", "compress"]
 
 PathLike = str | os.PathLike
 # Real test images used for the exactness checks (torch vs onnxruntime, slim vs masked).
 CHECK_IMAGES = 64
+# Training batches that measure the conv outputs a norm inserted into a BN-folded export sees.
+NORM_CALIBRATION_BATCHES = 20
 
 
 @dataclass(frozen=True)
@@ -61,26 +69,34 @@ def compress(
     sfp: SfpConfig,
     data: DataConfig,
     training: TrainConfig | None = None,
+    distill: DistillConfig | None = None,
     options: CompressOptions | None = None,
 ) -> Report:
-    """Fine-tune ``model`` with Soft Filter Pruning on ``data`` and write the slim model.
+    """Fine-tune ``model`` while soft-pruning it on ``data`` and write the slim model.
+
+    Args:
+        model: the input ONNX classifier (only read).
+        output: where the slim ONNX goes.
+        sfp: the rate and how to reach it (method, schedule, criterion, rounding).
+        data: the dataset to fine-tune and evaluate on.
+        training: the optimizer and its schedule (default :class:`TrainConfig`).
+        distill: distillation from ``model`` (default: on, :class:`DistillConfig`).
+        options: work folder, resume, extra outputs, latency.
 
     Returns:
         The report: MACs, parameters, file size, accuracy and latency before and after, the
         exactness check on real images, and the training history.
     """
     training = training or TrainConfig()
+    distill = distill or DistillConfig()
     options = options or CompressOptions()
-    _validate(sfp)
     if isinstance(sfp.round_to, str):
         target = "cuda" if resolve_device(training.device).type == "cuda" else "cpu"
         sfp = replace(sfp, round_to=resolve_round_to(sfp.round_to, target))
     outputs = Outputs(
-        output,
-        report=options.report,
-        masked=options.save_masked,
+        output, report=options.report, masked=options.save_masked,
         external_data=options.external_data,
-    )
+    )  # fmt: skip
     outputs.check(model)
     workdir = Path(options.workdir or f"{output}.work")
 
@@ -93,34 +109,31 @@ def compress(
     before = evaluate_onnx(model, datasets.test, num_classes=datasets.num_classes)
     check_images = _real_batch(datasets.test, training.seed, signature.batch)
     check_feeds = _feeds(signature.input_name, check_images, signature.batch)
-
     _check_import(imported, model, check_feeds)
-    pruner = SoftFilterPruner(imported, analysis.groups, sfp)
+
+    norms = _insert_norms(imported, masked, datasets.train, training)
+    pruner = _pruner(imported, masked, analysis, sfp, norms)
+    teacher = _teacher(model, distill, signature)
     history = train(
-        imported.module,
-        datasets.train,
-        datasets.test,
-        training,
-        workdir=workdir,
-        resume=options.resume,
-        on_epoch_end=lambda epoch, module: _sfp_epoch_end(
-            pruner, module, epoch, datasets.train, training, sfp.bn_recalibration
-        ),
+        imported.module, datasets.train, datasets.test, training,
+        workdir=workdir, resume=options.resume,
+        hooks=[pruner, *_recalibration(imported, datasets.train, training, sfp)],
+        objective=Distillation(teacher, distill) if teacher is not None else None,
         on_progress=options.progress,
-        settings=_settings(model, sfp, data),
-    )
+        settings=_settings(model, sfp, data, distill),
+    )  # fmt: skip
     imported.module.to("cpu").eval()
+    if norms is not None:
+        norms.fold()
+    if isinstance(pruner, SoftMaskPruner):
+        pruner.finish()
     write_back(imported, masked)
     result = write_pruned(
-        masked,
-        analysis,
-        source=model,
+        masked, analysis, source=model,
         outputs=replace(outputs, report=None),  # written below, with accuracy and latency
-        command="compress",
-        settings={**asdict(sfp), "epochs": training.epochs},
-        verify_feeds=check_feeds,
-        verify_description=f"real {data.name} test",
-    )
+        command="compress", settings=_provenance(sfp, training, distill, norms),
+        verify_feeds=check_feeds, verify_description=f"real {data.name} test",
+    )  # fmt: skip
     after = evaluate_onnx(output, datasets.test, num_classes=datasets.num_classes)
     extra = {
         "accuracy": {"before": before.top1, "after": after.top1},
@@ -145,30 +158,79 @@ def compress(
     return result
 
 
-def _sfp_epoch_end(pruner, module, epoch: int, train_set, training: TrainConfig, batches: int):
-    """Zero this epoch's channels, then re-estimate the BN statistics the zeroing changed."""
-    record = pruner.step(epoch, training.epochs)
+def _teacher(model: PathLike, distill: DistillConfig, signature) -> torch.nn.Module | None:
+    """The frozen teacher: the input model (or ``distill.teacher``) imported once more."""
+    if not distill.enabled:
+        return None
+    source = distill.teacher or model
+    theirs = read_signature(source)
+    if (theirs.input_size, theirs.num_classes) != (signature.input_size, signature.num_classes):
+        raise UsageError(
+            f"the teacher {source} takes other images or gives other classes than {model}; "
+            "give a teacher with the same input size and classes"
+        )
+    return import_model(load_model(source)).module
+
+
+def _pruner(
+    imported: ImportedModel, model, analysis: Analysis, sfp: SfpConfig, norms: InsertedNorms | None
+) -> TrainingHook:
+    if sfp.method == "sfp-paper":
+        return PaperSfpPruner(imported, list(analysis.groups), sfp)
+    return SoftMaskPruner(imported, model, analysis, sfp, view=norms.view if norms else None)
+
+
+def _recalibration(
+    imported: ImportedModel, train_set, training: TrainConfig, sfp: SfpConfig
+) -> list[TrainingHook]:
+    """BatchNorm re-estimation after each epoch's masks, when asked for."""
+    batches = recalibration_batches(sfp)
+    if not batches:
+        return []
+    return [
+        BatchNormRecalibration(
+            imported.module, train_set, training.batch_size, training.seed, batches,
+            workers=training.workers,
+        )
+    ]  # fmt: skip
+
+
+def _insert_norms(
+    imported: ImportedModel, model, train_set, training: TrainConfig
+) -> InsertedNorms | None:
+    """Norms after the un-normed convs of a BN-folded export (``training.insert_norms``)."""
+    if not training.insert_norms:
+        return None
+    norms = InsertedNorms(imported, model)
+    if not norms:
+        return None
     loader = create_loader(
-        train_set, training.batch_size, shuffle=True, seed=training.seed * 7919 + epoch,
+        train_set, training.batch_size, shuffle=True, seed=training.seed * 7919,
         workers=training.workers,
     )  # fmt: skip
-    record["bn_recalibration_batches"] = recalibrate_batchnorm(module, loader, batches)
-    return record
+    norms.calibrate(loader, NORM_CALIBRATION_BATCHES)
+    return norms
 
 
-def _validate(sfp: SfpConfig) -> None:
-    if not 0.0 <= sfp.rate < 1.0:
-        raise UsageError(f"--rate must be in [0, 1), got {sfp.rate}")
-    if sfp.criterion not in CRITERIA:
-        raise UsageError(f"unknown criterion {sfp.criterion!r}")
-    if sfp.schedule not in SCHEDULES:
-        raise UsageError(f"unknown schedule {sfp.schedule!r}")
-
-
-def _settings(model: PathLike, sfp: SfpConfig, data: DataConfig) -> dict:
+def _settings(model: PathLike, sfp: SfpConfig, data: DataConfig, distill: DistillConfig) -> dict:
     """What must match for ``--resume`` to continue a run."""
     return {"model": str(Path(model).resolve()), **asdict(sfp), "data": data.name,
-            "train_limit": data.train_limit, "seed": data.seed}  # fmt: skip
+            "train_limit": data.train_limit, "seed": data.seed,
+            "distill": asdict(distill)}  # fmt: skip
+
+
+def _provenance(
+    sfp: SfpConfig, training: TrainConfig, distill: DistillConfig, norms: InsertedNorms | None
+) -> dict:
+    """The settings recorded in the written model's metadata and the report."""
+    return {
+        **asdict(sfp),
+        "epochs": training.epochs,
+        "distill": distill.enabled,
+        "distill_weight": distill.weight,
+        "distill_temperature": distill.temperature,
+        "inserted_norms": len(norms.attached) if norms else 0,
+    }
 
 
 def _real_batch(dataset, seed: int, fixed_batch: int | None) -> np.ndarray:

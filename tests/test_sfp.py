@@ -1,4 +1,4 @@
-"""SFP semantics on an imported ONNX ResNet: masks, coupling, regrowth, schedule, surgery.
+"""The paper's SFP on an imported ONNX ResNet: masks, coupling, regrowth, schedule, surgery.
 
 Graph case: the small ResidualNet exported with BN kept (opset 17), imported with onnx2torch.
 Its stage-1 residual group couples the stem conv and both blocks' second convs.
@@ -19,7 +19,7 @@ from sfp_onnx.graph.rewrite import rewrite_model
 from sfp_onnx.graph.zeros import removable_channels
 from sfp_onnx.runtime.verify import verify_models
 from sfp_onnx.training.import_torch import import_model, write_back
-from sfp_onnx.training.sfp import SfpConfig, SoftFilterPruner, rate_at
+from sfp_onnx.training.sfp import PaperSfpPruner, SfpConfig, rate_at
 from tests.exports import ResidualNet, cifar_images, export, randomize_norms
 
 
@@ -30,6 +30,10 @@ def imported(tmp_path):
     model = load_model(path)
     analysis = analyze_model(model)
     return model, analysis, import_model(model)
+
+
+def _paper(**settings) -> SfpConfig:
+    return SfpConfig(method="sfp-paper", schedule="constant", **settings)
 
 
 def _channel_zero(imp, group, index: int) -> bool:
@@ -65,7 +69,7 @@ def test_import_matches_onnxruntime_and_links_every_pruned_weight(imported):
 
 def test_coupled_producers_carry_identical_masks(imported):
     _, analysis, imp = imported
-    pruner = SoftFilterPruner(imp, analysis.groups, SfpConfig(rate=0.3))
+    pruner = PaperSfpPruner(imp, analysis.groups, _paper(rate=0.3))
     stats = pruner.step(10, 10)
     stream = next(g for g in analysis.prunable_groups if len(g.filters) == 3)
     chosen = pruner.masks[stream.id]
@@ -83,7 +87,7 @@ def _filters_zero(imp, group, index: int) -> bool:
 
 def test_zeroed_filters_regrow_after_training_steps(imported):
     _, analysis, imp = imported
-    pruner = SoftFilterPruner(imp, analysis.groups, SfpConfig(rate=0.5))
+    pruner = PaperSfpPruner(imp, analysis.groups, _paper(rate=0.5))
     pruner.step(1, 10)
     group = next(g for g in analysis.prunable_groups if g.layers == ("/block1/conv1/Conv",))
     first = pruner.masks[group.id].copy()
@@ -114,7 +118,7 @@ def test_rate_schedules():
 
 def test_final_masks_are_what_the_surgery_removes(imported):
     model, analysis, imp = imported
-    pruner = SoftFilterPruner(imp, analysis.groups, SfpConfig(rate=0.3, criterion="fpgm"))
+    pruner = PaperSfpPruner(imp, analysis.groups, _paper(rate=0.3, criterion="fpgm"))
     pruner.step(3, 3)
     write_back(imp, model)
     removable = removable_channels(model, analysis)
@@ -129,7 +133,7 @@ def test_final_masks_are_what_the_surgery_removes(imported):
 def test_independent_layers_mode_removes_only_what_every_branch_zeroed(imported):
     """The reference code's per-layer choice: the union of kept channels goes to surgery."""
     model, analysis, imp = imported
-    pruner = SoftFilterPruner(imp, analysis.groups, SfpConfig(rate=0.5, independent_layers=True))
+    pruner = PaperSfpPruner(imp, analysis.groups, _paper(rate=0.5, independent_layers=True))
     pruner.step(4, 4)
     write_back(imp, model)
     removable = removable_channels(model, analysis)

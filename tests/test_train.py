@@ -22,6 +22,7 @@ from torch import nn
 
 from sfp_onnx.data.datasets import DataConfig, Datasets, load_datasets
 from sfp_onnx.errors import DataError, TrainingInterrupted, UsageError
+from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.train import (
     CHECKPOINT,
     ProgressEvent,
@@ -66,6 +67,18 @@ def zero_weakest_filter(epoch: int, module: nn.Module) -> dict:
         weakest = int(weight.flatten(1).norm(dim=1).argmin())
         weight[weakest] = 0.0
     return {"zeroed": np.int64(weakest), "kept_channels": 7, "channels": 8, "epoch": epoch}
+
+
+class EpochEnd(TrainingHook):
+    """A hook calling ``fn(epoch, net)`` at every epoch end, as a pruner would."""
+
+    name = "epoch_end"
+
+    def __init__(self, fn, net: nn.Module) -> None:
+        self.fn, self.net = fn, net
+
+    def epoch_end(self, epoch: int) -> dict:
+        return self.fn(epoch, self.net)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -157,7 +170,7 @@ def test_two_epochs_train_hook_and_checkpoint(data: Datasets, tmp_path: Path) ->
         return zero_weakest_filter(epoch, net)
 
     result = train(
-        module, data.train, data.test, config, workdir=tmp_path, on_epoch_end=hook,
+        module, data.train, data.test, config, workdir=tmp_path, hooks=[EpochEnd(hook, module)],
         on_progress=events.append, settings=SETTINGS,
     )  # fmt: skip
 
@@ -200,9 +213,11 @@ def test_evaluation_sees_the_hooks_masking(data: Datasets, tmp_path: Path) -> No
         return {}
 
     config = replace(CONFIG, epochs=1)
+    net = tiny_net()
     result = train(
-        tiny_net(), data.train, data.test, config, workdir=tmp_path, on_epoch_end=zero_classifier
-    )
+        net, data.train, data.test, config, workdir=tmp_path,
+        hooks=[EpochEnd(zero_classifier, net)],
+    )  # fmt: skip
     assert result.epochs[0].eval_accuracy == pytest.approx(0.1)
     assert not load_checkpoint(tmp_path)["model"]["9.weight"].any()
 
@@ -231,7 +246,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(
     full = tiny_net()
     straight = train(
         full, data.train, data.test, config, workdir=tmp_path / "full",
-        on_epoch_end=zero_weakest_filter, settings=SETTINGS,
+        hooks=[EpochEnd(zero_weakest_filter, full)], settings=SETTINGS,
     )  # fmt: skip
 
     def ctrl_c_in_epoch_2(epoch: int, net: nn.Module) -> dict:
@@ -240,10 +255,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(
         return zero_weakest_filter(epoch, net)
 
     workdir = tmp_path / "stopped"
+    stopped = tiny_net()
     with pytest.raises(TrainingInterrupted) as info:
         train(
-            tiny_net(), data.train, data.test, config, workdir=workdir,
-            on_epoch_end=ctrl_c_in_epoch_2, settings=SETTINGS,
+            stopped, data.train, data.test, config, workdir=workdir,
+            hooks=[EpochEnd(ctrl_c_in_epoch_2, stopped)], settings=SETTINGS,
         )  # fmt: skip
     message = str(info.value)
     assert "epoch 2" in message and "(epoch 1)" in message and "--resume" in message
@@ -259,7 +275,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(
     resumed_net = tiny_net(seed=99)  # other weights, and the global RNG reseeded
     resumed = train(
         resumed_net, data.train, data.test, config, workdir=workdir, resume=True,
-        on_epoch_end=hook, settings=SETTINGS,
+        hooks=[EpochEnd(hook, resumed_net)], settings=SETTINGS,
     )  # fmt: skip
     assert calls == [2, 3]
     assert resumed.resumed_from == 1
@@ -275,8 +291,9 @@ def test_sigterm_before_the_first_checkpoint(data: Datasets, tmp_path: Path) -> 
         os.kill(os.getpid(), signal.SIGTERM)
         return {}
 
+    net = tiny_net()
     with pytest.raises(TrainingInterrupted, match="before the first checkpoint"):
-        train(tiny_net(), data.train, None, CONFIG, workdir=tmp_path, on_epoch_end=terminate)
+        train(net, data.train, None, CONFIG, workdir=tmp_path, hooks=[EpochEnd(terminate, net)])
     assert not (tmp_path / CHECKPOINT).exists()
     assert signal.getsignal(signal.SIGTERM) is handler
 
@@ -334,8 +351,7 @@ def test_resume_of_a_finished_run_returns_its_history(data: Datasets, workdir: P
     module, events = tiny_net(seed=7), []
     result = train(
         module, data.train, data.test, config, workdir=workdir, resume=True,
-        on_epoch_end=lambda *_: pytest.fail("trained again"), on_progress=events.append,
-        settings=SETTINGS,
+        on_progress=events.append, settings=SETTINGS,
     )  # fmt: skip
     saved = load_checkpoint(workdir)
     assert result.resumed_from == 2

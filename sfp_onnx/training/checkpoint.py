@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"  # the file name inside the workdir
-FORMAT = 1  # bumped when the layout of the state changes
+FORMAT = 2  # bumped when the layout of the state changes (2: the hooks' states)
 
 
 def checkpoint_path(workdir: str | os.PathLike) -> Path:

@@ -1,137 +1,192 @@
-"""Soft Filter Pruning on the imported torch module: the epoch-end step.
+"""Soft Filter Pruning: its settings, its rate schedules, and the paper's epoch-end step.
 
-This module owns what SFP does between epochs (He et al., IJCAI 2018): score every index of
-every prunable group from the current torch weights (summed over the coupled filters), pick
-the lowest fraction, and zero those channels' filters in place. The tensors stay full size,
-so the next epoch's updates may grow them back. As in the paper, an intermediate epoch zeroes
-the filter rows (and their own biases) only: a following BatchNorm still adds its shift, which
-is what lets gradients reach a zeroed filter through the ReLU after it (a channel that is
-exactly 0 before a ReLU gets no gradient at all). After the last epoch every producer slice
-of the chosen channels is zeroed (filters, biases, norm shifts and running means), so each is
-exactly 0 everywhere and the surgery removes it without changing the output. The rate may
-follow a schedule (constant as in SFP, or the asymptotic ramp of ASFP). Training itself is
-:mod:`sfp_onnx.training.train`; scoring and choosing are shared with one-shot pruning in
-:mod:`sfp_onnx.graph.soft_prune`.
+This module owns :class:`SfpConfig` — how ``compress`` prunes while it fine-tunes — and the
+rate schedules both methods share (constant, as SFP; or ASFP's asymptotic ramp). Two methods:
+
+- ``soft-mask`` (the default): whole channels masked in the forward pass, re-chosen during
+  training, frozen for the last phase (:mod:`sfp_onnx.training.soft_masks`);
+- ``sfp-paper``: the procedure of He et al. (IJCAI 2018), kept so the difference can be
+  measured. :class:`PaperSfpPruner` zeroes, at every epoch end, the filters with the lowest
+  score (summed over the coupled filters of a group) in place; the tensors stay full size, so
+  the next epoch's updates may grow them back. An intermediate epoch zeroes the filter rows
+  (and their own biases) only, as the paper does; after the last epoch every producer slice of
+  the chosen channels is zeroed, so each is exactly 0 and the surgery removes it. On a
+  BatchNorm network this is undone between zeroings (the norm rescales a regrowing filter),
+  which is why it is not the default (see the README's accuracy table).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from sfp_onnx.errors import UnsupportedModelError, UsageError
-from sfp_onnx.graph.groups import ZEROED_KINDS, ChannelGroup
+from sfp_onnx.errors import UsageError
+from sfp_onnx.graph.groups import ChannelGroup
 from sfp_onnx.graph.soft_prune import (
     CRITERIA,
     filter_rows,
     norm_factor,
     prune_count,
-    score_group,
     scoring_tensors,
     select_channels,
 )
+from sfp_onnx.training.channels import (
+    check_linked,
+    choose_channels,
+    mask_changes,
+    trainable_groups,
+    zero_channels,
+)
+from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import ImportedModel
 
-__all__ = ["SCHEDULES", "SfpConfig", "SoftFilterPruner", "rate_at"]
+__all__ = [
+    "MASKED_SCALES",
+    "METHODS",
+    "SCHEDULES",
+    "PaperSfpPruner",
+    "SfpConfig",
+    "ramp_rate",
+    "rate_at",
+    "recalibration_batches",
+]
 
+METHODS = ("soft-mask", "sfp-paper")
 SCHEDULES = ("constant", "asymptotic")
+MASKED_SCALES = ("zero", "decay")
+_FILTER_KINDS = frozenset({"filter", "bias"})
 
 
 @dataclass(frozen=True)
 class SfpConfig:
-    """How SFP prunes."""
+    """How ``compress`` prunes while it fine-tunes; validated on construction (UsageError)."""
 
-    rate: float  # final fraction of each group's channels zeroed (the paper's P)
-    criterion: str = "l2"  # l2 (SFP) | l1 | fpgm
-    schedule: str = "constant"  # constant (SFP) | asymptotic (ASFP ramp to `rate`)
+    rate: float  # final fraction of each group's channels removed (the paper's P)
+    method: str = "soft-mask"  # soft-mask (masks in the forward pass) | sfp-paper
+    criterion: str = "l2"  # l2 (SFP) | l1 | fpgm | taylor (soft-mask: dL/dgate, measured)
+    schedule: str = "asymptotic"  # rate over training: asymptotic (ASFP ramp) | constant (SFP)
     round_to: int | str | None = None  # keep a multiple of K channels per group; "auto"
-    independent_layers: bool = False  # reference code's per-layer choice (union at surgery)
-    bn_recalibration: int = 50  # batches that re-estimate BN statistics after each zeroing
+    # soft-mask: optimizer steps between re-selections; None: 8 selections over the phase
+    reselect_every: int | None = None
+    freeze: float = 0.9  # soft-mask: final fraction of the steps with the masks frozen
+    masked_scale: str = "zero"  # soft-mask: masked channels x0, or a factor decaying to 0
+    straight_through: bool = False  # soft-mask: masked channels still get the full gradient
+    independent_layers: bool = False  # sfp-paper: each layer picks its own filters
+    # batches re-estimating BN statistics after each epoch's masks; None: 50 for sfp-paper
+    # (its zeroing changes every statistic), 0 for soft-mask (measured: no gain, 20% slower)
+    bn_recalibration: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise UsageError(f"--rate must be in [0, 1), got {self.rate}")
+        criteria = (*CRITERIA, "taylor") if self.method == "soft-mask" else tuple(CRITERIA)
+        for name, allowed in (
+            ("method", METHODS), ("criterion", criteria), ("schedule", SCHEDULES),
+            ("masked_scale", MASKED_SCALES),
+        ):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise UsageError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
+        if self.reselect_every is not None and self.reselect_every < 1:
+            raise UsageError(f"--reselect-every is {self.reselect_every}; give 1 or more steps")
+        if not 0.0 <= self.freeze < 1.0:
+            raise UsageError(f"--freeze must be in [0, 1), got {self.freeze}")
+        if self.bn_recalibration is not None and self.bn_recalibration < 0:
+            raise UsageError(f"--bn-recalibration is {self.bn_recalibration}; give 0 or more")
+        if self.independent_layers and self.method != "sfp-paper":
+            raise UsageError(
+                "--independent-layers is the reference code's mode; add --method sfp-paper"
+            )
 
 
-def rate_at(epoch: int, epochs: int, rate: float, schedule: str = "constant") -> float:
-    """The pruning rate applied at the end of ``epoch`` (1-based) of ``epochs``.
+def recalibration_batches(config: SfpConfig) -> int:
+    """BatchNorm re-estimation batches per epoch: the given number, or the method's default."""
+    if config.bn_recalibration is not None:
+        return config.bn_recalibration
+    return 50 if config.method == "sfp-paper" else 0
 
-    constant: ``rate`` every epoch (SFP). asymptotic: ``rate·(1 - exp(-k·epoch))`` with k such
-    that 3/4 of the rate is reached a quarter of the way through (ASFP), and exactly ``rate``
-    at the last epoch so the final masks have the requested width.
+
+def ramp_rate(progress: float, rate: float, schedule: str = "constant") -> float:
+    """The pruning rate at ``progress`` (0 to 1) through the pruning phase.
+
+    constant: ``rate`` throughout (SFP). asymptotic: ``rate·(1 - exp(-k·progress))`` with k such
+    that 3/4 of the rate is reached a quarter of the way (ASFP), and exactly ``rate`` at 1.
     """
     if schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if schedule == "constant" or epoch >= epochs:
+    if schedule == "constant" or progress >= 1.0:
         return rate
-    k = 4.0 * math.log(4.0) / max(epochs, 1)
-    return rate * (1.0 - math.exp(-k * epoch))
+    return rate * (1.0 - math.exp(-4.0 * math.log(4.0) * max(progress, 0.0)))
 
 
-class SoftFilterPruner:
-    """Zeroes the least important channels of each prunable group of an imported module."""
+def rate_at(epoch: int, epochs: int, rate: float, schedule: str = "constant") -> float:
+    """The rate the paper's step applies at the end of ``epoch`` (1-based) of ``epochs``."""
+    return ramp_rate(epoch / max(epochs, 1), rate, schedule)
 
-    def __init__(self, imported: ImportedModel, groups: Sequence[ChannelGroup], config: SfpConfig):
+
+class PaperSfpPruner(TrainingHook):
+    """The paper's SFP as a training hook: zero the weakest filters at every epoch end."""
+
+    name = "sfp_paper"
+
+    def __init__(self, imported: ImportedModel, groups: list[ChannelGroup], config: SfpConfig):
         self.imported = imported
         self.config = config
-        self.groups = [g for g in groups if g.prunable and g.filters]
-        missing = sorted(
-            {p.tensor for g in self.groups for p in g.slices if p.kind in ZEROED_KINDS}
-            - set(imported.links)
-        )
-        if missing:
-            raise UnsupportedModelError(
-                f"cannot train-prune: {len(missing)} weights are not trainable tensors after "
-                f"import (e.g. {missing[0]!r})"
-            )
+        self.groups = trainable_groups(groups)
+        check_linked(imported, self.groups)
         self.masks: dict[int, np.ndarray] = {}
+        self.epochs = 1
 
-    @torch.no_grad()
+    def start(self, steps_per_epoch: int, epochs: int) -> None:
+        self.epochs = epochs
+
+    def epoch_end(self, epoch: int) -> dict:
+        """Choose and zero this epoch's channels; exact (every producer slice) at the last."""
+        return self.step(epoch, self.epochs)
+
+    def state_dict(self) -> dict:
+        return {"masks": {str(k): v.tolist() for k, v in self.masks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks = {int(k): np.asarray(v, dtype=np.int64) for k, v in state["masks"].items()}
+
     def step(self, epoch: int, epochs: int) -> dict:
-        """Choose and zero this epoch's channels; returns kept/total channel counts.
-
-        At ``epoch == epochs`` the zeroing is exact (every producer slice), before it soft.
-        """
-        rate = rate_at(epoch, epochs, self.config.rate, self.config.schedule)
+        """Zero the channels chosen at the end of ``epoch``; returns the kept/total counts."""
+        config = self.config
+        rate = rate_at(epoch, epochs, config.rate, config.schedule)
         final = epoch >= epochs
-        arrays = self.imported.arrays(scoring_tensors(self.groups))
-        masks = {}
-        for group in self.groups:
-            count = prune_count(group.channels, rate, self.config.round_to)
-            if self.config.independent_layers:
-                masks[group.id] = self._zero_per_layer(group, arrays, count, final)
-            else:
-                chosen = select_channels(score_group(group, arrays, self.config.criterion), count)
-                self._zero(group, chosen, final)
-                masks[group.id] = chosen
+        if config.independent_layers:
+            masks = {g.id: self._zero_per_layer(g, rate, final) for g in self.groups}
+        else:
+            masks = choose_channels(
+                self.imported, self.groups, rate=rate, criterion=config.criterion,
+                round_to=config.round_to,
+            )  # fmt: skip
+            for group in self.groups:
+                if final:
+                    zero_channels(self.imported, group, masks[group.id])
+                else:
+                    filters = {piece.node for piece in group.filters}
+                    zero_channels(
+                        self.imported, group, masks[group.id], kinds=_FILTER_KINDS, layers=filters
+                    )
+        changes = mask_changes(self.masks, masks)
         self.masks = masks
         total = sum(g.channels for g in self.groups)
         zeroed = sum(len(m) for m in masks.values())
-        return {"rate": rate, "kept_channels": total - zeroed, "channels": total}
+        return {"rate": rate, "kept_channels": total - zeroed, "channels": total, **changes}
 
-    def _zero(
-        self, group: ChannelGroup, chosen: np.ndarray, final: bool, layers: set[str] | None = None
-    ) -> None:
-        """Zero ``chosen`` channels: every producer slice if ``final``, else the filters only."""
-        if chosen.size == 0:
-            return
-        layers = layers or {piece.node for piece in group.filters}
-        for piece in group.slices:
-            if piece.kind not in ZEROED_KINDS or (not final and piece.node not in layers):
-                continue
-            tensor = self.imported.tensor(piece.tensor)
-            positions = piece.offset + (chosen[:, None] * piece.block + np.arange(piece.block))
-            index = torch.as_tensor(positions.reshape(-1), device=tensor.device)
-            tensor.index_fill_(piece.axis % tensor.dim(), index, 0.0)
-
-    def _zero_per_layer(
-        self, group: ChannelGroup, arrays: dict, count: int, final: bool
-    ) -> np.ndarray:
+    def _zero_per_layer(self, group: ChannelGroup, rate: float, final: bool) -> np.ndarray:
         """The reference code's choice: each filter picks its own lowest-norm channels.
 
         Only channels every coupled filter chose can become exactly zero (the union of kept
         channels is what the surgery keeps); at the final epoch those get the exact zeroing.
         """
+        arrays = self.imported.arrays(scoring_tensors([group]))
+        count = prune_count(group.channels, rate, self.config.round_to)
         common = None
         for piece in group.filters:
             rows = filter_rows(arrays[piece.tensor], piece, group.channels).astype(np.float64)
@@ -139,9 +194,9 @@ class SoftFilterPruner:
             if factor is not None and factor.size == group.channels:
                 rows = rows * factor[:, None]
             chosen = select_channels(CRITERIA[self.config.criterion](rows), count)
-            self._zero(group, chosen, final=False, layers={piece.node})
+            zero_channels(self.imported, group, chosen, kinds=_FILTER_KINDS, layers={piece.node})
             common = set(chosen.tolist()) if common is None else common & set(chosen.tolist())
         shared = np.array(sorted(common or ()), dtype=np.int64)
         if final:
-            self._zero(group, shared, final=True)
+            zero_channels(self.imported, group, shared)
         return shared

@@ -1,16 +1,17 @@
 """Training: the fine-tuning loop, its learning-rate schedule, when to checkpoint and resume.
 
 This module owns one thing: running SGD epochs over a torch module, reproducibly. Each epoch
-is, in order: lr per step, forward/backward/step over the shuffled training set, the caller's
-epoch-end hook (SFP zeroes filters there), evaluation, checkpoint. A checkpoint holds what a
-fresh process needs to continue bit-identically (weights, optimizer, RNG states, history) plus
-the settings that must match to continue. Ctrl-C or SIGTERM stops at the last checkpoint.
+is, in order: lr per step, forward, the objective's loss, backward, step, every hook's
+``after_step``; then every hook's ``epoch_end`` (soft pruning re-selects its masks there),
+evaluation, checkpoint. A checkpoint holds what a fresh process needs to continue
+bit-identically (weights, optimizer, RNG states, history, the hooks' states) plus the settings
+that must match to continue. Ctrl-C or SIGTERM stops at the last checkpoint.
 
-What it leaves to others: which filters to zero (:mod:`sfp_onnx.training.sfp`, passed in as
-``on_epoch_end``), datasets and loaders (:mod:`sfp_onnx.data.datasets`), accuracy counting
-(:mod:`sfp_onnx.runtime.evaluate`), the checkpoint file and RNG capture
-(:mod:`sfp_onnx.training.checkpoint`), and showing progress (the CLI, through ``on_progress``
-events).
+What it leaves to others: what rides on the loop (hooks, :mod:`sfp_onnx.training.hooks`),
+the loss (:mod:`sfp_onnx.training.objectives`), datasets and loaders
+(:mod:`sfp_onnx.data.datasets`), accuracy counting (:mod:`sfp_onnx.runtime.evaluate`), the
+checkpoint file and RNG capture (:mod:`sfp_onnx.training.checkpoint`), and showing progress
+(the CLI, through ``on_progress`` events).
 """
 
 from __future__ import annotations
@@ -22,17 +23,16 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sfp_onnx.data.datasets import create_loader
-from sfp_onnx.errors import DataError, TrainingInterrupted, UsageError
+from sfp_onnx.errors import DataError, TrainingDiverged, TrainingInterrupted, UsageError
 from sfp_onnx.runtime.evaluate import evaluate_torch
 from sfp_onnx.training.checkpoint import (
     CHECKPOINT,
@@ -44,6 +44,8 @@ from sfp_onnx.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from sfp_onnx.training.hooks import TrainingHook
+from sfp_onnx.training.objectives import CrossEntropy
 
 __all__ = [
     "CHECKPOINT",
@@ -54,14 +56,16 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "learning_rate",
-    "recalibrate_batchnorm",
     "resolve_device",
+    "steps_per_epoch",
     "train",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "step")
 BATCH_EVENTS_EVERY = 10  # steps between batch events (each one reads the loss off the GPU)
+# Divergence: a window of steps whose mean loss exceeds this many times the run's first window.
+EXPLODING_LOSS = 20.0
 # TrainConfig fields on how a run executes, not what it computes: a resumed run may change them.
 _EXECUTION_FIELDS = ("device", "amp", "channels_last", "workers", "eval_every")
 
@@ -84,6 +88,8 @@ class TrainConfig:
     seed: int = 0  # seeds shuffling, augmentation and the global RNGs at a fresh start
     workers: int = 2  # data-loading processes; 0 loads in this process
     eval_every: int = 1  # evaluate every N epochs (and always after the last one)
+    # BN-folded exports: train with a BatchNorm after each un-normed conv, folded back after
+    insert_norms: bool = True
 
     def __post_init__(self) -> None:
         for name, (valid, wanted) in _LIMITS.items():
@@ -125,7 +131,7 @@ class EpochRecord:
             when the epoch was not evaluated.
         lr: learning rate of the epoch's last step.
         seconds: wall time of the epoch (training, hook and evaluation).
-        extra: what ``on_epoch_end`` returned (for SFP: rate, kept channels, channels).
+        extra: what the hooks' ``epoch_end`` returned (soft pruning: rate, kept channels...).
     """
 
     epoch: int
@@ -171,7 +177,7 @@ class ProgressEvent:
     accuracy: float | None = None  # running training top-1 accuracy of the epoch
     lr: float | None = None  # learning rate of the latest step
     eval_accuracy: float | None = None  # epoch: evaluation top-1 (None when not evaluated)
-    extra: dict = field(default_factory=dict)  # epoch: what on_epoch_end returned
+    extra: dict = field(default_factory=dict)  # epoch: what the hooks' epoch_end returned
     message: str | None = None  # note: one line for the user
 
 
@@ -206,6 +212,11 @@ def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int) -> float
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch (the last partial batch is dropped when there are several)."""
+    return images // batch_size if images > batch_size else 1
+
+
 def train(
     module: torch.nn.Module,
     train_set: Dataset,
@@ -214,17 +225,18 @@ def train(
     *,
     workdir: str | os.PathLike,
     resume: bool = False,
-    on_epoch_end: Callable[[int, torch.nn.Module], dict] | None = None,
+    hooks: Sequence[TrainingHook] = (),
+    objective: torch.nn.Module | None = None,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     settings: Mapping | None = None,
 ) -> TrainResult:
-    """Fine-tune ``module`` in place with SGD and cross entropy, checkpointing every epoch.
+    """Fine-tune ``module`` in place with SGD, checkpointing every epoch.
 
-    Each epoch: train, call ``on_epoch_end(epoch, module)``, evaluate, save
-    ``workdir/checkpoint.pt``. The module is left on the training device. A fresh start
-    seeds torch's, numpy's and Python's global RNGs with ``config.seed``; a resumed run
-    restores them, so with a fixed seed on CPU an interrupted and resumed run ends
-    bit-identical to an uninterrupted one.
+    Each epoch: train (every hook's ``after_step`` after each step), every hook's
+    ``epoch_end``, evaluate, save ``workdir/checkpoint.pt``. The module is left on the
+    training device. A fresh start seeds torch's, numpy's and Python's global RNGs with
+    ``config.seed``; a resumed run restores them and the hooks' states, so with a fixed seed
+    on CPU an interrupted and resumed run ends bit-identical to an uninterrupted one.
 
     Args:
         module: a classifier mapping ``(N, C, H, W)`` images to ``(N, classes)`` logits.
@@ -233,8 +245,9 @@ def train(
         config: optimizer, schedule and execution settings.
         workdir: folder for ``checkpoint.pt`` (created if missing).
         resume: continue the run saved in ``workdir``; without a checkpoint start fresh.
-        on_epoch_end: called after each epoch's optimizer steps and before evaluation and
-            checkpointing; its dict (plain values) goes into :attr:`EpochRecord.extra`.
+        hooks: pieces called at the loop's named points (:class:`TrainingHook`), in order.
+        objective: ``objective(logits, images, targets) -> loss`` (default: cross entropy);
+            an ``nn.Module``, moved to the training device.
         on_progress: receives :class:`ProgressEvent` reports.
         settings: the caller's settings that must match for ``resume`` (e.g. the SFP rate).
 
@@ -250,17 +263,21 @@ def train(
     device = resolve_device(config.device)
     path = checkpoint_path(workdir)
     checkpoint = _open_checkpoint(path, resume, config, settings, emit)
-    run = _create_run(module, config, device, emit)
+    run = _create_run(module, config, device, emit, objective or CrossEntropy(), hooks)
     history, done = _restore(run, checkpoint, path) if checkpoint else _fresh_start(config.seed)
+    for hook in hooks:
+        hook.start(steps_per_epoch(len(train_set), config.batch_size), config.epochs)
     if done < config.epochs:
         emit(ProgressEvent("note", done, message=_start_note(run, done, train_set)))
     with _sigterm_raises_interrupt():
         for epoch in range(done + 1, config.epochs + 1):
             try:
-                record = _run_epoch(run, train_set, eval_set, epoch, on_epoch_end)
+                record = _run_epoch(run, train_set, eval_set, epoch)
                 _save(run, path, [*history, record], settings)
             except KeyboardInterrupt:  # epoch - 1 is the last one saved (0: none yet)
                 raise _interrupted(epoch, epoch - 1, path) from None
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"{exc}; {_last_checkpoint(epoch - 1, path)}") from None
             history.append(record)
             emit(_epoch_event(record, config.epochs))
     module.to(memory_format=torch.contiguous_format)
@@ -270,16 +287,19 @@ def train(
 
 @dataclass
 class _Run:
-    """The objects one run works on; a checkpoint saves and restores the first three."""
+    """The objects one run works on; a checkpoint saves the module, optimizer, scaler, hooks."""
 
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # scales fp16 losses; a pass-through when disabled
+    objective: torch.nn.Module  # (logits, images, targets) -> loss
+    hooks: Sequence[TrainingHook]  # called at the loop's named points; saved in checkpoints
     config: TrainConfig
     device: torch.device
     autocast: torch.dtype | None  # autocast dtype, None for plain float32
     memory_format: torch.memory_format  # of the model and its input batches
     emit: Callable[[ProgressEvent], None]
+    start_loss: float | None = None  # mean loss of the run's first steps (divergence check)
 
 
 def _create_run(
@@ -287,6 +307,8 @@ def _create_run(
     config: TrainConfig,
     device: torch.device,
     emit: Callable[[ProgressEvent], None],
+    objective: torch.nn.Module,
+    hooks: Sequence[TrainingHook],
 ) -> _Run:
     """Move the module to ``device`` and build its optimizer and precision settings."""
     cuda = device.type == "cuda"
@@ -295,6 +317,7 @@ def _create_run(
         autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     memory_format = torch.channels_last if cuda and config.channels_last else torch.preserve_format
     module.to(device=device, memory_format=memory_format)
+    objective.to(device=device, memory_format=memory_format)
     optimizer = torch.optim.SGD(
         module.parameters(),
         lr=config.lr,
@@ -303,20 +326,18 @@ def _create_run(
         weight_decay=config.weight_decay,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
-    return _Run(module, optimizer, scaler, config, device, autocast, memory_format, emit)
+    return _Run(
+        module, optimizer, scaler, objective, hooks, config, device, autocast, memory_format, emit
+    )
 
 
-def _run_epoch(
-    run: _Run,
-    train_set: Dataset,
-    eval_set: Dataset | None,
-    epoch: int,
-    on_epoch_end: Callable[[int, torch.nn.Module], dict] | None,
-) -> EpochRecord:
-    """Train one epoch, call the epoch-end hook, evaluate if due; returns the record."""
+def _run_epoch(run: _Run, train_set: Dataset, eval_set: Dataset | None, epoch: int) -> EpochRecord:
+    """Train one epoch, call the hooks' epoch ends, evaluate if due; returns the record."""
     started = time.perf_counter()
     loss, accuracy, lr = _train_epoch(run, train_set, epoch)
-    extra = plain(on_epoch_end(epoch, run.module) or {}) if on_epoch_end else {}
+    extra: dict = {}
+    for hook in run.hooks:
+        extra.update(plain(hook.epoch_end(epoch) or {}))
     config = run.config
     due = eval_set is not None and (epoch % config.eval_every == 0 or epoch == config.epochs)
     eval_accuracy = _evaluate(run, eval_set, epoch) if due else None
@@ -335,28 +356,52 @@ def _train_epoch(run: _Run, dataset: Dataset, epoch: int) -> tuple[float, float,
         workers=config.workers,
         drop_last=len(dataset) > config.batch_size,  # no tiny last batch for BatchNorm
         pin_memory=run.device.type == "cuda",
+        device=run.device,  # where a decoded data set's batches are augmented
     )
     steps = len(loader)
     run.module.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     correct = torch.zeros((), dtype=torch.int64, device=run.device)
-    seen = 0
+    seen, checked = 0, (0.0, 0)  # (loss sum, images) at the last divergence check
     for step, (images, targets) in enumerate(loader, start=1):
-        lr = learning_rate(config, (epoch - 1) * steps + step - 1, steps)
+        done = (epoch - 1) * steps + step - 1  # steps before this one, over the whole run
+        lr = learning_rate(config, done, steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         targets = targets.to(run.device, non_blocking=True)
         logits, loss = _step(run, images, targets)
+        for hook in run.hooks:
+            hook.after_step(done + 1)
         loss_sum += loss.detach().double() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
         if step % BATCH_EVENTS_EVERY == 0 or step == steps:
-            loss_now, accuracy_now = loss_sum.item() / seen, correct.item() / seen
-            run.emit(ProgressEvent("batch", epoch, step, steps, loss_now, accuracy_now, lr))
-    mean_loss = loss_sum.item() / seen
-    if not math.isfinite(mean_loss):
-        raise UsageError(f"training diverged in epoch {epoch} (loss {mean_loss}); lower the lr")
-    return mean_loss, correct.item() / seen, lr
+            total = loss_sum.item()
+            _check_divergence(run, epoch, (total - checked[0]) / (seen - checked[1]))
+            checked = (total, seen)
+            accuracy = correct.item() / seen
+            run.emit(ProgressEvent("batch", epoch, step, steps, total / seen, accuracy, lr))
+    if not all(bool(torch.isfinite(p).all()) for p in run.module.parameters()):
+        _check_divergence(run, epoch, math.inf)
+    return loss_sum.item() / seen, correct.item() / seen, lr
+
+
+def _check_divergence(run: _Run, epoch: int, window_loss: float) -> None:
+    """Stop when the loss of the last steps is not finite, or explodes against the first.
+
+    Raises:
+        TrainingDiverged: naming the epoch and what to change; the epoch is not saved.
+    """
+    if run.start_loss is None and math.isfinite(window_loss):
+        run.start_loss = window_loss
+    limit = EXPLODING_LOSS * max(run.start_loss or 1.0, 1.0)
+    if math.isfinite(window_loss) and window_loss <= limit:
+        return
+    what = "the weights are not finite" if window_loss == math.inf else f"loss {window_loss:.3g}"
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch} ({what}, against {run.start_loss or float('nan'):.3g} "
+        f"at the start); lower --lr (now {run.config.lr:g})"
+    )
 
 
 def _step(
@@ -366,7 +411,7 @@ def _step(
     images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
     with _autocast(run):
         logits = run.module(images)
-        loss = F.cross_entropy(logits, targets)
+        loss = run.objective(logits, images, targets)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)
@@ -384,6 +429,7 @@ def _evaluate(run: _Run, dataset: Dataset, epoch: int) -> float:
         seed=0,
         workers=config.workers,
         pin_memory=run.device.type == "cuda",
+        device=run.device,
     )
 
     def progress(done: int, total: int) -> None:
@@ -471,6 +517,7 @@ def _save(run: _Run, path: Path, history: list[EpochRecord], settings: dict) -> 
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "history": [asdict(record) for record in history],
+        "hooks": {hook.name: hook.state_dict() for hook in run.hooks},
         "rng": rng_state(),
         "config": asdict(run.config),
         "settings": settings,
@@ -489,8 +536,13 @@ def _restore(run: _Run, checkpoint: dict, path: Path) -> tuple[list[EpochRecord]
         ) from exc
     if checkpoint["scaler"] and run.scaler.is_enabled():
         run.scaler.load_state_dict(checkpoint["scaler"])
+    for hook in run.hooks:
+        if hook.name not in checkpoint["hooks"]:
+            raise UsageError(f"{path} was saved without {hook.name}; use another --workdir")
+        hook.load_state_dict(checkpoint["hooks"][hook.name])
     restore_rng_state(checkpoint["rng"])
     history = [EpochRecord(**record) for record in checkpoint["history"]]
+    run.start_loss = history[0].train_loss if history else None
     done = checkpoint["epoch"]
     message = (
         f"resuming after epoch {done} of {run.config.epochs} from {path}"
@@ -529,8 +581,16 @@ def _sigterm_raises_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _last_checkpoint(saved: int, path: Path) -> str:
+    if saved == 0:
+        return "no epoch was saved"
+    return f"the last good checkpoint (epoch {saved}) is in {path.parent}"
+
+
 def _interrupted(epoch: int, saved: int, path: Path) -> TrainingInterrupted:
     if saved == 0:
+        with contextlib.suppress(OSError):  # leave no empty work folder behind
+            path.parent.rmdir()
         return TrainingInterrupted(
             f"interrupted in epoch {epoch}, before the first checkpoint; rerun to start over"
         )
@@ -538,41 +598,3 @@ def _interrupted(epoch: int, saved: int, path: Path) -> TrainingInterrupted:
         f"interrupted in epoch {epoch}; the last checkpoint (epoch {saved}) is in "
         f"{path.parent}; rerun with --resume to continue"
     )
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(
-    module: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int
-) -> int:
-    """Re-estimate every BatchNorm's running statistics on up to ``limit`` batches.
-
-    Pruning changes what each norm sees, and running statistics left from before make the
-    eval-mode network wrong until many training steps have passed. Training itself is not
-    affected (train-mode BatchNorm uses batch statistics); only evaluation and the written
-    model are. A channel that is exactly zero keeps a running mean of exactly zero.
-
-    Returns:
-        The number of batches used (0 when the module has no BatchNorm).
-    """
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms or limit < 1:
-        return 0
-    device = next(module.parameters()).device
-    was_training = module.training
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches
-    module.train()
-    used = 0
-    try:
-        for images, _ in batches:
-            module(images.to(device))
-            used += 1
-            if used >= limit:
-                break
-    finally:
-        for norm, momentum in zip(norms, momenta, strict=True):
-            norm.momentum = momentum
-        module.train(was_training)
-    return used

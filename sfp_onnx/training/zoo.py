@@ -1,8 +1,9 @@
-"""Reference models: the CIFAR ResNets of He et al. 2016 and their ONNX export.
+"""Reference models: the CIFAR ResNets of He et al. 2016, a CIFAR VGG, and their ONNX export.
 
-This module owns the PyTorch definition of the CIFAR ResNet family (depth 6n+2: 20, 32, 56,
-110) that the examples, tests and benchmarks train and prune, and the one function that turns
-such a module into an ONNX file. It imports nothing beyond torch and the package's light
+This module owns the PyTorch definitions the examples, tests and benchmarks train and prune —
+the CIFAR ResNet family (depth 6n+2: 20, 32, 56, 110) and a small VGG with BatchNorm and a
+two-layer classifier (a family without residual joins) — and the one function that turns such
+a module into an ONNX file. It imports nothing beyond torch and the package's light
 helpers, so a bare training machine (torch, numpy, pillow) can use it. Training loops live in
 ``examples/``; loading, analysis and pruning of the exported ONNX belong to the other stages.
 """
@@ -19,7 +20,18 @@ from torch import nn
 from sfp_onnx._io import atomic_path
 from sfp_onnx.errors import UsageError
 
-__all__ = ["BasicBlock", "CifarResNet", "create_cifar_resnet", "export_onnx"]
+__all__ = [
+    "VGG_STAGES",
+    "BasicBlock",
+    "CifarResNet",
+    "CifarVGG",
+    "create_cifar_resnet",
+    "create_cifar_vgg",
+    "export_onnx",
+]
+
+# Conv widths of the CIFAR VGG, a 2x2 max pool after each stage: 32 -> 16 -> 8 -> 4 -> 2 px.
+VGG_STAGES = ((32,), (64,), (128, 128), (256, 256))
 
 
 class BasicBlock(nn.Module):
@@ -77,6 +89,34 @@ def _make_stage(in_channels: int, out_channels: int, blocks: int, stride: int) -
     return nn.Sequential(*layers)
 
 
+class CifarVGG(nn.Module):
+    """Stages of 3x3 conv + BN + ReLU with a max pool after each, then Linear-ReLU-Linear.
+
+    The classifier reads the flattened C x 2 x 2 map of the last stage, so pruning that stage
+    removes blocks of four input columns of the first Linear, whose own outputs are pruned too.
+    """
+
+    def __init__(self, stages: tuple[tuple[int, ...], ...], num_classes: int, hidden: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for widths in stages:
+            for width in widths:
+                layers += [nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)]
+                layers.append(nn.ReLU(inplace=True))
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * 2 * 2, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
 def _init_weights(module: nn.Module) -> None:
     """Kaiming-normal convs (fan-out, as He et al.), BN at identity, Kaiming Linear, zero biases."""
     for m in module.modules():
@@ -109,6 +149,15 @@ def create_cifar_resnet(depth: int = 20, num_classes: int = 10, width: int = 16)
     if num_classes < 1 or width < 1:
         raise UsageError(f"num_classes and width must be positive, got {num_classes}, {width}")
     model = CifarResNet((depth - 2) // 6, num_classes, width)
+    _init_weights(model)
+    return model
+
+
+def create_cifar_vgg(num_classes: int = 10, hidden: int = 256) -> nn.Module:
+    """Build the CIFAR VGG of :data:`VGG_STAGES` for 32x32 inputs (34.1M multiply-adds)."""
+    if num_classes < 1 or hidden < 1:
+        raise UsageError(f"num_classes and hidden must be positive, got {num_classes}, {hidden}")
+    model = CifarVGG(VGG_STAGES, num_classes, hidden)
     _init_weights(model)
     return model
 

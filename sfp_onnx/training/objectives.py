@@ -1,0 +1,86 @@
+"""Training objectives: what loss the fine-tuning loop minimises.
+
+This module owns the loss. :class:`CrossEntropy` is plain supervised fine-tuning;
+:class:`Distillation` adds knowledge distillation from a frozen teacher — for ``compress``, the
+user's own ONNX model imported once more, so the pruned student learns to answer as the
+original did (Hinton et al. 2015; NNCF's compression-aware training offers the same). Both are
+``nn.Module``s, so the loop moves them (and the teacher) to the training device with ``to``.
+The teacher costs one extra forward pass per step, under the loop's autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sfp_onnx.errors import UsageError
+
+__all__ = ["CrossEntropy", "DistillConfig", "Distillation", "distillation_term"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from the input model; validated on construction (raises UsageError)."""
+
+    enabled: bool = True  # teach the pruned model with the original's logits
+    weight: float = 0.5  # share of the loss from the teacher: (1-w)·CE + w·T²·KL
+    temperature: float = 4.0  # softens both distributions (T² keeps the gradient scale)
+    teacher: str | None = None  # the teacher's ONNX file; None: the model being compressed
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise UsageError(f"--distill-weight must be in [0, 1], got {self.weight}")
+        if self.temperature <= 0:
+            raise UsageError(f"--distill-temperature must be > 0, got {self.temperature}")
+
+
+class CrossEntropy(nn.Module):
+    """Cross entropy against the labels."""
+
+    def forward(
+        self, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
+
+
+def distillation_term(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T²·KL(softmax(teacher/T) ‖ softmax(student/T))``, averaged over the batch.
+
+    Exactly 0 when the student's logits equal the teacher's.
+    """
+    log_student = F.log_softmax(student.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher.float() / temperature, dim=1)
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+class Distillation(nn.Module):
+    """``(1-w)·CE(student, labels) + w·T²·KL(teacher ‖ student)`` with a frozen teacher."""
+
+    def __init__(self, teacher: nn.Module, config: DistillConfig) -> None:
+        super().__init__()
+        self.teacher = teacher.eval()
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad_(False)
+        self.config = config
+
+    def train(self, mode: bool = True) -> Distillation:
+        """The teacher stays in eval mode (its BatchNorm statistics are the original's)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(
+        self, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = self.teacher(images)
+        weight = self.config.weight
+        hard = F.cross_entropy(logits, targets) if weight < 1.0 else logits.new_zeros(())
+        soft = distillation_term(logits, teacher, self.config.temperature)
+        return (1.0 - weight) * hard + weight * soft
