@@ -96,6 +96,27 @@ def test_cifar_subsets_are_class_balanced_and_seeded(cifar10_root: Path, decode:
     assert load_datasets(other, (32, 32), with_train=False).test.indices != data.test.indices
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_validation_split_is_carved_from_train_balanced_and_unaugmented(
+    cifar10_root: Path, tmp_path: Path, decode: bool
+) -> None:
+    """val_split 0.25 of 40 train images: 10 held out (one per class), none left in train."""
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship"]
+    classes.append("truck")
+    _link_tree(cifar10_root / "train", tmp_path, "train", classes, 4)
+    _link_tree(cifar10_root / "test", tmp_path, "test", classes, 1)
+    config = DataConfig("imagefolder", str(tmp_path), val_split=0.25, decode=decode)
+    data = load_datasets(config, (32, 32))
+    assert (len(data.train), len(data.val)) == (30, 10)
+    assert sorted(_labels(data.val)) == list(range(10))
+    train_files = {_path(data.train, i) for i in range(len(data.train))}
+    val_files = {_path(data.val, i) for i in range(len(data.val))}
+    assert not train_files & val_files and len(train_files | val_files) == 40
+    assert torch.equal(data.val[3][0], data.val[3][0])  # the eval transform: no random crop
+    again = load_datasets(config, (32, 32))
+    assert {_path(again.val, i) for i in range(10)} == val_files
+
+
 # --- datasets and transforms -----------------------------------------------------------------
 
 
@@ -173,9 +194,9 @@ def test_imagefolder_reads_val_folder_with_imagenet_preset(
     classes = ["bird", "cat", "ship"]
     _link_tree(cifar10_root / "train", tmp_path, "train", classes, 4)
     _link_tree(cifar10_root / "test", tmp_path, "val", classes, 2)
-    data = load_datasets(DataConfig("imagefolder", str(tmp_path)), (32, 32))
+    data = load_datasets(DataConfig("imagefolder", str(tmp_path), val_split=0.0), (32, 32))
     assert data.classes == tuple(classes)
-    assert (len(data.train), len(data.test)) == (12, 6)
+    assert (len(data.train), len(data.test)) == (12, 6) and data.val is None
     assert data.mean == (0.485, 0.456, 0.406)
     assert data.test[5][1] == 2 and data.test[5][0].shape == (3, 32, 32)
 

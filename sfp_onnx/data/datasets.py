@@ -10,6 +10,7 @@ models on the data is left to :mod:`sfp_onnx.runtime.evaluate` and the training 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -32,6 +33,7 @@ from sfp_onnx.data.decoded import (
     TensorBatches,
     decode_images,
 )
+from sfp_onnx.data.names import DATASETS
 from sfp_onnx.errors import DataError, UsageError
 
 __all__ = [
@@ -48,7 +50,6 @@ __all__ = [
     "train_augmentation",
 ]
 
-DATASETS = ("cifar10", "cifar100", "imagefolder")
 # torchvision downloads CIFAR here when no root is given.
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sfp-onnx/data"
 # Inputs up to this side length get CIFAR-style augmentation (pad 4 + random crop).
@@ -106,7 +107,10 @@ class DataConfig:
         mean: per-channel normalisation mean; ``None`` takes the dataset's preset.
         std: per-channel normalisation std (all > 0); ``None`` takes the dataset's preset.
         train_limit: use a class-balanced subset of this many training images.
-        eval_limit: use a class-balanced subset of this many test images.
+        eval_limit: use a class-balanced subset of this many validation and test images.
+        val_split: fraction of the training images set aside (class-balanced, seeded) as the
+            validation set that training monitors; the test set is left for the before and
+            after figures. 0 keeps every training image for training.
         seed: seed of the subsets (and nothing else).
         augment: random crops and flips on the training set; False uses the eval transform.
         download: let torchvision download CIFAR when the root does not hold it.
@@ -120,6 +124,7 @@ class DataConfig:
     std: tuple[float, ...] | None = None
     train_limit: int | None = None
     eval_limit: int | None = None
+    val_split: float = 0.1
     seed: int = 0
     augment: bool = True
     download: bool = True
@@ -141,6 +146,8 @@ class DataConfig:
             limit = getattr(self, field)
             if limit is not None and limit < 1:
                 raise DataError(f"{field} is {limit}; give a number of images >= 1")
+        if not 0.0 <= self.val_split < 1.0:
+            raise DataError(f"val_split is {self.val_split}; give a fraction in [0, 1)")
         if self.root is not None:
             object.__setattr__(self, "root", str(self.root))
 
@@ -158,6 +165,7 @@ class Datasets:
     Attributes:
         train: training images (``None`` when loaded with ``with_train=False``).
         test: evaluation images.
+        val: validation images set aside from the training set (``None`` without a split).
         classes: class names, in label order.
         mean: the normalisation mean applied.
         std: the normalisation std applied.
@@ -170,6 +178,7 @@ class Datasets:
     std: tuple[float, ...]
     augmentation: str = "none"  # the training transform, in words
     decoded: bool = False  # held in memory as decoded tensors (else streamed from files)
+    val: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -283,19 +292,48 @@ def load_datasets(
         if train is not None:
             train = _decoded(train, input_size, mean, std, augmentation) or train
         decoded = isinstance(test, DecodedImages) and isinstance(train, DecodedImages | None)
+    val = None
+    if train is not None and config.val_split > 0:
+        train, val = _split(train, config.val_split, config.seed, eval_tf)
     if train is not None and config.train_limit is not None:
-        train = _subset(train, balanced_subset(train.targets, config.train_limit, config.seed))
+        train = _subset(train, balanced_subset(_targets(train), config.train_limit, config.seed))
     if config.eval_limit is not None:
         test = _subset(test, balanced_subset(test.targets, config.eval_limit, config.seed))
+        if val is not None:
+            val = _subset(val, balanced_subset(_targets(val), config.eval_limit, config.seed))
     return Datasets(
         train=train, test=test, classes=tuple(classes), mean=mean, std=std,
-        augmentation=describe_augmentation(augmentation), decoded=decoded,
+        augmentation=describe_augmentation(augmentation), decoded=decoded, val=val,
     )  # fmt: skip
 
 
+def _targets(dataset: Dataset) -> list[int]:
+    """Every image's label, through Subsets, without reading an image."""
+    if isinstance(dataset, Subset):
+        inner = _targets(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return [int(t) for t in dataset.targets]
+
+
+def _split(train: Dataset, fraction: float, seed: int, eval_tf) -> tuple[Dataset, Dataset]:
+    """(train without the validation images, the validation images with the eval transform)."""
+    targets = _targets(train)
+    held = set(balanced_subset(targets, max(1, round(fraction * len(targets))), seed))
+    rest = [i for i in range(len(targets)) if i not in held]
+    if isinstance(train, DecodedImages):
+        evaluation = train.with_augmentation(Augmentation("none"))
+    else:
+        evaluation = copy.copy(train)  # the same files, read with the evaluation transform
+        evaluation.transform = eval_tf
+    return _subset(train, rest), _subset(evaluation, sorted(held))
+
+
 def _subset(dataset: Dataset, indices: list[int]) -> Dataset:
+    """The images at ``indices``; a subset of a subset stays one Subset over the files."""
     if isinstance(dataset, DecodedImages):
         return dataset.subset(indices)
+    if isinstance(dataset, Subset):
+        return Subset(dataset.dataset, [dataset.indices[i] for i in indices])
     return Subset(dataset, indices)
 
 

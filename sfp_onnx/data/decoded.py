@@ -120,6 +120,13 @@ class DecodedImages(Dataset):
             samples=None if self.samples is None else [self.samples[i] for i in picked],
         )  # fmt: skip
 
+    def with_augmentation(self, augmentation: Augmentation) -> DecodedImages:
+        """The same images (tensors shared) with another augmentation, e.g. none for evaluation."""
+        return DecodedImages(
+            self.images, self.targets, self.mean.flatten().tolist(), self.std.flatten().tolist(),
+            augmentation, indices=self.indices, samples=self.samples,
+        )  # fmt: skip
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, C, H, W]`` -> normalised float32: ``(x/255 - mean) / std``."""
         scale = (1.0 / (255.0 * self.std)).to(images.device)
