@@ -18,6 +18,7 @@ class TrainingHook:
     """Base class: every point is a no-op, so a hook overrides only what it needs."""
 
     name = "hook"  # the key of this hook's state in a checkpoint (unique per run)
+    label = ""  # what its epoch_end does, in words, when that takes a while (shown to the user)
 
     def start(self, steps_per_epoch: int, epochs: int) -> None:
         """Called once before the first epoch of this call (fresh or resumed)."""

@@ -79,6 +79,7 @@ class BatchNormRecalibration(TrainingHook):
     """Training hook: re-estimate BatchNorm statistics at every epoch end (after the masks)."""
 
     name = "bn_recalibration"
+    label = "re-estimating BatchNorm statistics"
 
     def __init__(
         self, module: nn.Module, train_set: Dataset, batch_size: int, seed: int, batches: int,

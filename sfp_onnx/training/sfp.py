@@ -131,6 +131,7 @@ class PaperSfpPruner(TrainingHook):
     """The paper's SFP as a training hook: zero the weakest filters at every epoch end."""
 
     name = "sfp_paper"
+    label = "zeroing the weakest filters"
 
     def __init__(self, imported: ImportedModel, groups: list[ChannelGroup], config: SfpConfig):
         self.imported = imported

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sfp_onnx._io import write_text
 from sfp_onnx.data.datasets import create_loader
 from sfp_onnx.errors import DataError, TrainingDiverged, TrainingInterrupted, UsageError
 from sfp_onnx.runtime.evaluate import evaluate_torch
@@ -51,6 +52,7 @@ __all__ = [
     "CHECKPOINT",
     "DEVICES",
     "LR_SCHEDULES",
+    "METRICS",
     "EpochRecord",
     "ProgressEvent",
     "TrainConfig",
@@ -59,10 +61,12 @@ __all__ = [
     "resolve_device",
     "steps_per_epoch",
     "train",
+    "write_metrics",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "step")
+METRICS = "metrics.csv"  # per-epoch metrics beside the checkpoint, rewritten every epoch
 BATCH_EVENTS_EVERY = 10  # steps between batch events (each one reads the loss off the GPU)
 # Divergence: a window of steps whose mean loss exceeds this many times the run's first window.
 EXPLODING_LOSS = 20.0
@@ -166,10 +170,11 @@ class ProgressEvent:
 
     ``batch``: step/total are batches of the epoch; loss/accuracy are the epoch's running
     means. ``eval``: step/total are images evaluated. ``epoch``: an epoch is done and saved;
-    step/total are epochs. ``note``: a one-line ``message`` for the user.
+    step/total are epochs. ``stage``: a stretch of work begins, described by ``message`` (a UI
+    shows it until the next event). ``note``: a one-line ``message`` to keep on screen.
     """
 
-    kind: str  # "batch" | "eval" | "epoch" | "note"
+    kind: str  # "batch" | "eval" | "epoch" | "stage" | "note"
     epoch: int = 0  # 1-based epoch the event belongs to (0: before training)
     step: int = 0  # batches, images or epochs done
     total: int = 0  # batches, images or epochs in all
@@ -335,11 +340,17 @@ def _run_epoch(run: _Run, train_set: Dataset, eval_set: Dataset | None, epoch: i
     """Train one epoch, call the hooks' epoch ends, evaluate if due; returns the record."""
     started = time.perf_counter()
     loss, accuracy, lr = _train_epoch(run, train_set, epoch)
+    labels = [hook.label for hook in run.hooks if hook.label]
+    if labels:
+        run.emit(ProgressEvent("stage", epoch, message=f"epoch {epoch}: {', '.join(labels)}"))
     extra: dict = {}
     for hook in run.hooks:
         extra.update(plain(hook.epoch_end(epoch) or {}))
     config = run.config
     due = eval_set is not None and (epoch % config.eval_every == 0 or epoch == config.epochs)
+    if due:
+        message = f"epoch {epoch}: validating on {len(eval_set)} images"
+        run.emit(ProgressEvent("stage", epoch, message=message))
     eval_accuracy = _evaluate(run, eval_set, epoch) if due else None
     seconds = time.perf_counter() - started
     return EpochRecord(epoch, loss, accuracy, eval_accuracy, lr, seconds, extra)
@@ -523,6 +534,23 @@ def _save(run: _Run, path: Path, history: list[EpochRecord], settings: dict) -> 
         "settings": settings,
     }
     save_checkpoint(path, state)
+    write_metrics(path.parent / METRICS, history)
+
+
+def write_metrics(path: Path, history: list[EpochRecord]) -> None:
+    """``metrics.csv``: one row per epoch so far (rewritten whole, atomically, every epoch)."""
+    extra_keys = sorted({k for r in history for k, v in r.extra.items() if _scalar(v)})
+    header = ["epoch", "train_loss", "train_accuracy", "val_accuracy", "lr", "seconds"]
+    rows = [",".join([*header, *extra_keys])]
+    for r in history:
+        cells = [r.epoch, r.train_loss, r.train_accuracy, r.eval_accuracy, r.lr, r.seconds]
+        cells += [r.extra.get(k) for k in extra_keys]
+        rows.append(",".join("" if c is None else f"{c}" for c in cells))
+    write_text(path, "\n".join(rows) + "\n")
+
+
+def _scalar(value: object) -> bool:
+    return isinstance(value, bool | int | float | str)
 
 
 def _restore(run: _Run, checkpoint: dict, path: Path) -> tuple[list[EpochRecord], int]:
