@@ -156,7 +156,7 @@ def _compress(source: Path, output: Path, sfp: SfpConfig, spec: dict, args, work
         source, output, sfp=sfp,
         data=DataConfig(
             "cifar10", root=args.data_root, train_limit=args.train_limit,
-            eval_limit=args.monitor_limit,
+            eval_limit=args.monitor_limit, val_split=0.0,  # budget (b) trains on all 50,000
         ),
         training=TrainConfig(
             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,

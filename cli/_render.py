@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from sfp_onnx.report import Report
+if TYPE_CHECKING:
+    from sfp_onnx.report import Report
 
 __all__ = ["console", "human", "render_report", "status"]
 

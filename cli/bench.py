@@ -17,8 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sfp_onnx.cli._render import console, human
 
-from sfp_onnx._io import check_writable, write_json
-from sfp_onnx.runtime.bench import BenchConfig, BenchReport, benchmark, speedups
 from sfp_onnx.runtime.session import OPT_LEVELS, PROVIDERS
 
 __all__ = ["bench"]
@@ -83,6 +81,9 @@ def bench(
       sfp-onnx bench resnet.onnx resnet_slim.onnx
       sfp-onnx bench a.onnx b.onnx -b 1 -b 32 --threads 1 --json bench.json
     """
+    from sfp_onnx._io import check_writable, write_json
+    from sfp_onnx.runtime.bench import BenchConfig
+
     if json_path:
         check_writable(json_path, inputs=models)
     config = BenchConfig(
@@ -124,7 +125,9 @@ def _print_unsqueezed(table: Table) -> None:
     Console(width=max(console.width, natural), highlight=False).print(table)
 
 
-def _run_with_progress(models: tuple[str, ...], config: BenchConfig) -> BenchReport:
+def _run_with_progress(models: tuple[str, ...], config):
+    from sfp_onnx.runtime.bench import benchmark
+
     columns = (
         TextColumn("benchmarking"),
         BarColumn(),
@@ -140,7 +143,9 @@ def _run_with_progress(models: tuple[str, ...], config: BenchConfig) -> BenchRep
         )
 
 
-def _summary_table(report: BenchReport, config: BenchConfig) -> Table:
+def _summary_table(report, config) -> Table:
+    from sfp_onnx.runtime.bench import speedups
+
     machine = report.machine
     table = Table(
         title="sfp-onnx bench",

@@ -1,327 +1,270 @@
-"""``sfp-onnx compress``: SFP fine-tuning of an ONNX classifier, written as a smaller exact ONNX."""
+"""``sfp-onnx compress``: fine-tune an ONNX classifier while soft-pruning it, write it smaller.
+
+Maps the options to the library's configs (:class:`~sfp_onnx.training.sfp.SfpConfig`,
+:class:`~sfp_onnx.data.datasets.DataConfig`, :class:`~sfp_onnx.training.train.TrainConfig`,
+:class:`~sfp_onnx.training.objectives.DistillConfig`,
+:class:`~sfp_onnx.pipeline.CompressOptions`), runs :func:`sfp_onnx.pipeline.compress` with a
+live progress line, and prints the summary. No pruning logic lives here.
+"""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from sfp_onnx.cli._options import ROUND_TO
+from sfp_onnx.cli._progress import CompressProgress
 from sfp_onnx.cli._render import console, render_report
 
 __all__ = ["compress"]
 
 
-class _TrainingBars:
-    """Renders the training loop's progress events as rich progress bars."""
+def _options(*decorators):
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.task = None
-        self.kept = ""
-
-    def __call__(self, event) -> None:
-        kind = getattr(event, "kind", "")
-        if kind == "batch":
-            total = getattr(event, "total", None)
-            if self.task is None:
-                self.task = self.progress.add_task("", total=total)
-            desc = (
-                f"epoch {event.epoch} loss {event.loss:.3f} acc {event.accuracy:.1%} "
-                f"lr {event.lr:.4f}{self.kept}"
-            )
-            self.progress.update(self.task, completed=event.step, total=total, description=desc)
-        elif kind == "epoch":
-            extra = getattr(event, "extra", None) or {}
-            if "kept_channels" in extra:
-                self.kept = f" kept {extra['kept_channels']}/{extra['channels']}"
-            acc = getattr(event, "eval_accuracy", None)
-            if acc is None:
-                acc = getattr(event, "accuracy", None)
-            self.progress.console.print(
-                f"epoch {event.epoch}: loss {getattr(event, 'loss', float('nan')):.4f}"
-                + (f", test accuracy {acc:.2%}" if acc is not None else "")
-                + self.kept
-            )
-            if self.task is not None:
-                self.progress.reset(self.task)
-        elif getattr(event, "message", None):
-            self.progress.console.print(event.message)
+    return apply
 
 
-def _floats(value: str | None) -> tuple[float, ...] | None:
-    return None if value is None else tuple(float(v) for v in value.replace(",", " ").split())
+_DATA = _options(
+    click.option("--data", "data_name", type=click.Choice(["cifar10", "cifar100", "imagefolder"]),
+                 default="cifar10", show_default=True,
+                 help="Data set. cifar10/cifar100 download through torchvision unless "
+                 "--data-root holds them; imagefolder reads DATA_ROOT/train/<class>/* and "
+                 "DATA_ROOT/test/<class>/* (or val/)."),
+    click.option("--data-root", type=click.Path(),
+                 help="Data set folder: an ImageFolder tree with train/ and test/, or "
+                 "torchvision's CIFAR files. [default: download CIFAR to ~/.cache/sfp-onnx]"),
+    click.option("--train-limit", type=click.IntRange(min=1),
+                 help="Train on a seeded class-balanced subset of N images. [default: all]"),
+    click.option("--eval-limit", type=click.IntRange(min=1),
+                 help="Validate and test on seeded class-balanced subsets of N images. "
+                 "[default: all]"),
+    click.option("--val-split", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
+                 show_default=True,
+                 help="Share of the training images set aside for per-epoch validation "
+                 "(CIFAR-10: 5,000); the test set is measured before and after only. 0: none."),
+    click.option("--mean", type=float, nargs=3, default=None, metavar="R G B",
+                 help="Normalisation mean per channel. [default: the data set's preset]"),
+    click.option("--std", type=float, nargs=3, default=None, metavar="R G B",
+                 help="Normalisation std per channel. [default: the data set's preset]"),
+    click.option("--augment/--no-augment", default=True, show_default=True,
+                 help="Random crops and flips on the training images (printed at the start)."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Seeds the subsets, the shuffling, the augmentation and the weights' RNG."),
+    click.option("--in-memory/--stream", "decode", default=True, show_default=True,
+                 help="Decode a data set that fits (up to 4 GiB) once into memory and augment "
+                      "it in batches, or read and transform the files every epoch."),
+    click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+                 help="Data loader processes for data read from files (0: in-process)."),
+)  # fmt: skip
+_TRAINING = _options(
+    click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+                 help="Fine-tuning epochs."),
+    click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.01,
+                 show_default=True, help="Peak learning rate (SGD, Nesterov momentum 0.9)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+                 help="Images per optimizer step."),
+    click.option("--weight-decay", type=click.FloatRange(min=0.0), default=5e-4,
+                 show_default=True, help="L2 penalty on every parameter."),
+    click.option("--lr-schedule", type=click.Choice(["cosine", "step"]), default="cosine",
+                 show_default=True,
+                 help="cosine: from --lr to 0; step: x0.1 at 50% and 75% of the epochs."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                 show_default=True, help="auto: CUDA (with bf16 autocast) when available."),
+    click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Validate every N epochs (and after the last)."),
+)  # fmt: skip
+_PRUNING = _options(
+    click.option("--method", type=click.Choice(["soft-mask", "sfp-paper"]), default="soft-mask",
+                 show_default=True,
+                 help="soft-mask: whole channels masked in the forward pass, re-chosen during "
+                 "the pruning phase, then frozen. sfp-paper: the paper's epoch-end zeroing of "
+                 "filter rows (loses accuracy on BatchNorm networks)."),
+    click.option("--criterion", type=click.Choice(["l2", "l1", "fpgm", "taylor"]), default="l2",
+                 show_default=True,
+                 help="Channel scores: L2 or L1 norm of the filters (a following norm folded "
+                 "in), FPGM, or taylor (soft-mask: dL/dmask measured on training batches)."),
+    click.option("--schedule", type=click.Choice(["constant", "asymptotic"]),
+                 default="asymptotic", show_default=True,
+                 help="Rate over the pruning phase: an exponential ramp to --rate (ASFP), or "
+                 "--rate from the start (SFP)."),
+    click.option("--freeze", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.9,
+                 show_default=True,
+                 help="soft-mask: final share of the steps with the masks frozen, so the "
+                 "network recovers with exactly its final structure."),
+    click.option("--reselect-every", type=click.IntRange(min=1), default=None,
+                 help="soft-mask: steps between re-selections of the masks in the pruning "
+                 "phase (and at its epoch ends). [default: 8 selections over the phase]"),
+    click.option("--masked-scale", type=click.Choice(["zero", "decay"]), default="zero",
+                 show_default=True,
+                 help="soft-mask: masked channels x0, or x a factor decaying to 0 over the "
+                 "pruning phase."),
+    click.option("--straight-through/--no-straight-through", default=False, show_default=True,
+                 help="soft-mask: masked channels get the full gradient as if kept (measured "
+                 "to hurt: kept layers then train on paths the network does not have)."),
+    click.option("--round-to", type=ROUND_TO, default="auto", show_default=True,
+                 metavar="K|auto|none",
+                 help="Keep a multiple of K channels per group. auto: what the target's fast "
+                 "kernels want (16 on a CPU with AVX-512, else 8; 8 when training on CUDA)."),
+    click.option("--independent-layers", is_flag=True,
+                 help="sfp-paper only: each layer picks its own filters (union at surgery)."),
+    click.option("--bn-recalibration", type=click.IntRange(min=0), default=None,
+                 help="Batches that re-estimate BatchNorm statistics at each epoch end (0: "
+                 "off). [default: 50 with sfp-paper, 0 with soft-mask]"),
+    click.option("--insert-norms/--no-insert-norms", default=True, show_default=True,
+                 help="BN-folded exports: train with a BatchNorm after each convolution no "
+                 "norm reads, folded back exactly before writing."),
+)  # fmt: skip
+_DISTILL = _options(
+    click.option("--distill/--no-distill", default=True, show_default=True,
+                 help="Distil from MODEL itself (imported again, frozen): the loss mixes cross "
+                 "entropy with the KL divergence to its softened outputs. Costs one extra "
+                 "forward pass per step (about a third more time on a CPU)."),
+    click.option("--distill-weight", type=click.FloatRange(0.0, 1.0), default=0.5,
+                 show_default=True, help="Share of the loss from the teacher: (1-w)CE + wT²KL."),
+    click.option("--distill-temperature", type=click.FloatRange(min=0.0, min_open=True),
+                 default=4.0, show_default=True,
+                 help="Temperature T that softens both outputs."),
+    click.option("--teacher", "teacher_model", type=click.Path(dir_okay=False),
+                 help="Distil from this ONNX model instead (same input size and classes), e.g. "
+                 "the unpruned original when MODEL was pruned already."),
+)  # fmt: skip
+_OUTPUTS = _options(
+    click.option("--workdir", type=click.Path(file_okay=False),
+                 help="Checkpoint and metrics.csv folder, written every epoch. [default: "
+                 "OUTPUT.work, removed once OUTPUT is written; a folder you name is kept]"),
+    click.option("--resume", is_flag=True, help="Continue the run saved in --workdir."),
+    click.option("--save-masked", type=click.Path(dir_okay=False),
+                 help="Also write the zeroed, unsliced model (the exactness reference)."),
+    click.option("--report", type=click.Path(dir_okay=False),
+                 help="Also write the report JSON (every setting, figure and epoch) here."),
+    click.option("--report-dir", type=click.Path(file_okay=False),
+                 help="Write report.json and PNG plots (training curves, layer widths, "
+                 "accuracy and latency before/after) into this folder."),
+    click.option("--external-data", is_flag=True, default=None,
+                 help="Write the weights to OUTPUT.data beside the model (automatic above "
+                 "1.8 GB)."),
+    click.option("--bench/--no-bench", default=True, show_default=True,
+                 help="Measure onnxruntime latency before/after (interleaved, as `bench`)."),
+    click.option("--bench-batch", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Batch size of the latency measurement."),
+    click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+                 default="auto", show_default=True,
+                 help="onnxruntime provider of the latency measurement."),
+)  # fmt: skip
 
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Where to write the slim model.",
-)
-@click.option(
-    "--rate",
-    required=True,
-    type=float,
-    help="Fraction of each group's channels to prune, in [0, 1).",
-)
-@click.option(
-    "--data",
-    "data_name",
-    type=click.Choice(["cifar10", "cifar100", "imagefolder"]),
-    default="cifar10",
-    show_default=True,
-    help="Training data. cifar10/cifar100 download through torchvision unless --data-root "
-    "holds them.",
-)
-@click.option(
-    "--data-root",
-    type=click.Path(),
-    help="Dataset folder: an ImageFolder tree with train/ and test/, or torchvision's CIFAR files.",
-)
-@click.option(
-    "--epochs",
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help="Fine-tuning epochs (SFP prunes at each epoch end).",
-)
-@click.option(
-    "--lr",
-    type=float,
-    default=0.01,
-    show_default=True,
-    help="Initial learning rate (SGD, Nesterov momentum 0.9).",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option(
-    "--lr-schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True
-)
-@click.option(
-    "--criterion",
-    type=click.Choice(["l2", "l1", "fpgm", "taylor"]),
-    default="l2",
-    show_default=True,
-    help="Channel importance: L2 norm (SFP), L1 norm, FPGM (geometric median), or taylor "
-    "(soft-mask: how much the loss changes per channel, measured on the training batches).",
-)
-@click.option(
-    "--method",
-    type=click.Choice(["soft-mask", "sfp-paper"]),
-    default="soft-mask",
-    show_default=True,
-    help="soft-mask: whole channels (filter, bias, norm scale and shift) masked in the forward "
-    "pass, re-chosen every --reselect-every steps, frozen for the last --freeze of training. "
-    "sfp-paper: the paper's epoch-end zeroing of filter rows (loses accuracy on BN networks).",
-)
-@click.option(
-    "--schedule",
-    type=click.Choice(["constant", "asymptotic"]),
-    default="asymptotic",
-    show_default=True,
-    help="Pruning rate over the pruning phase: an exponential ramp to --rate (ASFP) or "
-    "--rate from the start (SFP).",
-)
-@click.option(
-    "--reselect-every",
-    type=click.IntRange(min=1),
-    default=None,
-    help="soft-mask: optimizer steps between re-selections of the masks (and at epoch ends "
-    "in the pruning phase). Default: 8 selections over the pruning phase.",
-)
-@click.option(
-    "--freeze",
-    type=click.FloatRange(0.0, 1.0, max_open=True),
-    default=0.9,
-    show_default=True,
-    help="soft-mask: final fraction of the training steps with the masks frozen, so the network "
-    "recovers with exactly its final structure.",
-)
-@click.option(
-    "--masked-scale",
-    type=click.Choice(["zero", "decay"]),
-    default="zero",
-    show_default=True,
-    help="soft-mask: masked channels are multiplied by 0, or by a factor decaying to 0 over the "
-    "pruning phase.",
-)
-@click.option(
-    "--straight-through/--no-straight-through",
-    default=False,
-    show_default=True,
-    help="soft-mask: masked channels still get the full gradient, as if kept (measured to "
-    "hurt: the kept layers then train on paths the network does not have).",
-)
-@click.option(
-    "--distill/--no-distill",
-    default=True,
-    show_default=True,
-    help="Distil from MODEL itself (imported once more, frozen): the loss mixes cross entropy "
-    "with the KL divergence to its softened outputs. Costs one extra forward pass per step.",
-)
-@click.option(
-    "--distill-weight",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.5,
-    show_default=True,
-    help="Share of the loss from the teacher: (1-w)·CE + w·T²·KL.",
-)
-@click.option(
-    "--distill-temperature",
-    type=click.FloatRange(min=0.0, min_open=True),
-    default=4.0,
-    show_default=True,
-    help="Temperature T that softens the teacher's and the student's outputs.",
-)
-@click.option(
-    "--teacher",
-    "teacher_model",
-    type=click.Path(dir_okay=False),
-    help="Distil from this ONNX model instead of MODEL (same input size and classes), e.g. "
-    "the unpruned original when MODEL was pruned already.",
-)
-@click.option(
-    "--insert-norms/--no-insert-norms",
-    default=True,
-    show_default=True,
-    help="BN-folded exports: train with a BatchNorm after each convolution no norm reads, "
-    "folded back exactly before writing.",
-)
-@click.option(
-    "--round-to",
-    type=ROUND_TO,
-    default="auto",
-    show_default=True,
-    metavar="K|auto|none",
-    help="Keep a multiple of K channels per group. auto: what the target's fast kernels want "
-    "(16 on a CPU with AVX-512, else 8; 8 when training on CUDA); none: no rounding.",
-)
-@click.option(
-    "--independent-layers",
-    is_flag=True,
-    help="Reference-code mode: each layer picks its own filters (union at surgery).",
-)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    help="Checkpoint folder (default: OUTPUT.work, removed once OUTPUT is written).",
-)
-@click.option("--resume", is_flag=True, help="Continue the run saved in --workdir.")
-@click.option(
-    "--train-limit",
-    type=click.IntRange(min=1),
-    help="Train on a seeded class-balanced subset of N images.",
-)
-@click.option(
-    "--eval-limit",
-    type=click.IntRange(min=1),
-    help="Evaluate on a seeded class-balanced subset of N images.",
-)
-@click.option("--mean", help="Normalisation mean, 3 values (default: the dataset's preset).")
-@click.option("--std", help="Normalisation std, 3 values (default: the dataset's preset).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-    help="Data loader processes.",
-)
-@click.option(
-    "--save-masked", type=click.Path(dir_okay=False), help="Also write the zeroed, unsliced model."
-)
-@click.option(
-    "--report", type=click.Path(dir_okay=False), help="Also write the report as JSON here."
-)
-@click.option(
-    "--bn-recalibration",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Training batches that re-estimate BatchNorm statistics after each epoch's masks "
-    "(0: off). Default: 50 with sfp-paper, whose zeroing changes them; 0 with soft-mask, whose "
-    "statistics follow the masks during training.",
-)
-@click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
-@click.option(
-    "--external-data",
-    is_flag=True,
-    default=None,
-    help="Write the weights to OUTPUT.data beside the model (automatic above 1.8 GB).",
-)
-def compress(
-    model, output, rate, data_name, data_root, epochs, lr, batch_size, weight_decay,
-    lr_schedule, criterion, method, schedule, reselect_every, freeze, masked_scale,
-    straight_through, distill, distill_weight, distill_temperature, teacher_model,
-    insert_norms, round_to, independent_layers, device, workdir, resume, train_limit,
-    eval_limit, mean, std, seed, workers, save_masked, report, bn_recalibration, no_bench,
-    external_data,
-) -> None:  # fmt: skip
-    """Fine-tune MODEL with Soft Filter Pruning and write a smaller, exact ONNX.
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the slim model.")  # fmt: skip
+@click.option("--rate", required=True, type=float,
+              help="Fraction of each group's channels to remove, in [0, 1).")  # fmt: skip
+@_DATA
+@_TRAINING
+@_PRUNING
+@_DISTILL
+@_OUTPUTS
+def compress(model: str, output: str, **opts) -> None:
+    """Fine-tune MODEL while soft-pruning it, and write a smaller, exact ONNX to OUTPUT.
 
     \b
     1. measures MODEL's accuracy in onnxruntime on the test set;
-    2. imports it into PyTorch and checks the import against onnxruntime;
-    3. fine-tunes for --epochs; at each epoch end zeroes the lowest-importance channels of
-       every prunable group (they may grow back next epoch);
-    4. removes the channels zeroed at the end, checks OUTPUT against the masked model on
-       real images, and measures accuracy, MACs, parameters and latency before and after.
-    Checkpoints go to --workdir every epoch; Ctrl-C stops cleanly and --resume continues.
-    The default workdir (OUTPUT.work) is removed once OUTPUT is written; one you name is kept.
+    2. imports it into PyTorch (checked against onnxruntime);
+    3. fine-tunes for --epochs with whole channels masked in the forward pass: the masks
+       are re-chosen during the pruning phase, then frozen for the last --freeze of the
+       steps; the input model is the teacher (--distill);
+    4. removes the masked channels, checks OUTPUT against the masked model on real images
+       (nothing is written if it is not exact), and measures accuracy, MACs, parameters
+       and latency before and after.
+    Checkpoints and metrics.csv go to --workdir every epoch; Ctrl-C or SIGTERM stops
+    cleanly (exit 130) and --resume continues.
+
+    \b
+    Examples:
+      sfp-onnx compress model.onnx --rate 0.3 --data cifar10 -o model.slim.onnx
+      sfp-onnx compress model.onnx --rate 0.4 --data imagefolder --data-root ./images \\
+          --epochs 20 --lr 0.005 --report-dir report/ -o model.slim.onnx
+      sfp-onnx compress model.onnx --rate 0.3 --data cifar10 --workdir run1 --resume -o s.onnx
     """
+    from sfp_onnx.pipeline import compress as run_compress
+
+    configs = _configs(opts)
+    with CompressProgress(console, opts["epochs"]) as progress:
+        result = run_compress(model, output, **configs(progress))
+    _summary(result)
+
+
+def _configs(opts: dict):
+    """The library's configs from the options (validated as they are built)."""
     from sfp_onnx.data.datasets import DataConfig
     from sfp_onnx.pipeline import CompressOptions
-    from sfp_onnx.pipeline import compress as run_compress
     from sfp_onnx.training.objectives import DistillConfig
     from sfp_onnx.training.sfp import SfpConfig
     from sfp_onnx.training.train import TrainConfig
 
     data = DataConfig(
-        name=data_name, root=data_root, mean=_floats(mean), std=_floats(std),
-        train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+        name=opts["data_name"], root=opts["data_root"], mean=opts["mean"], std=opts["std"],
+        train_limit=opts["train_limit"], eval_limit=opts["eval_limit"],
+        val_split=opts["val_split"], seed=opts["seed"], augment=opts["augment"],
+        decode=opts["decode"],
     )  # fmt: skip
-    sfp = SfpConfig(
-        rate=rate, method=method, criterion=criterion, schedule=schedule, round_to=round_to,
-        reselect_every=reselect_every, freeze=freeze, masked_scale=masked_scale,
-        straight_through=straight_through, independent_layers=independent_layers,
-        bn_recalibration=bn_recalibration,
-    )  # fmt: skip
+    sfp = SfpConfig(**{k: opts[k] for k in _SFP_KEYS})
     training = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        schedule=lr_schedule, device=device, seed=seed, workers=workers,
-        insert_norms=insert_norms,
+        epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+        weight_decay=opts["weight_decay"], schedule=opts["lr_schedule"], device=opts["device"],
+        seed=opts["seed"], workers=opts["workers"], eval_every=opts["eval_every"],
+        insert_norms=opts["insert_norms"],
     )  # fmt: skip
-    teacher = DistillConfig(enabled=distill, weight=distill_weight, temperature=distill_temperature)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-    ) as progress:  # fmt: skip
+    distill = DistillConfig(
+        enabled=opts["distill"], weight=opts["distill_weight"],
+        temperature=opts["distill_temperature"], teacher=opts["teacher_model"],
+    )  # fmt: skip
+
+    def with_progress(progress) -> dict:
         options = CompressOptions(
-            workdir=Path(workdir) if workdir else None, resume=resume, save_masked=save_masked,
-            report=report, bench=not no_bench, progress=_TrainingBars(progress),
-            external_data=external_data,
+            workdir=Path(opts["workdir"]) if opts["workdir"] else None, resume=opts["resume"],
+            save_masked=opts["save_masked"], report=opts["report"],
+            report_dir=opts["report_dir"], bench=opts["bench"],
+            bench_batch=opts["bench_batch"], provider=opts["provider"],
+            external_data=opts["external_data"], command_line=shlex.join(sys.argv),
+            progress=progress,
         )  # fmt: skip
-        result = run_compress(
-            model, output, sfp=sfp, data=data, training=training, distill=teacher, options=options
-        )
+        return {"sfp": sfp, "data": data, "training": training, "distill": distill,
+                "options": options}  # fmt: skip
+
+    return with_progress
+
+
+_SFP_KEYS = (
+    "rate", "method", "criterion", "schedule", "freeze", "reselect_every", "masked_scale",
+    "straight_through", "round_to", "independent_layers", "bn_recalibration",
+)  # fmt: skip
+
+
+def _summary(result) -> None:
     render_report(result)
-    accuracy = result.extra["accuracy"]
+    extra = result.extra
+    accuracy = extra["accuracy"]
     console.print(
-        f"top-1 accuracy: {accuracy['before']:.2%} -> {accuracy['after']:.2%} "
-        f"on {result.extra['eval_samples']} test images"
+        f"top-1 accuracy (onnxruntime, {extra['eval_samples']} test images): "
+        f"{accuracy['before']:.2%} -> {accuracy['after']:.2%}"
     )
-    if "latency_ms" in result.extra:
-        lat = result.extra["latency_ms"]
+    if "latency_ms" in extra:
+        lat = extra["latency_ms"]
         console.print(
-            f"onnxruntime latency (batch 1, p50): {lat['before']:.2f} ms -> {lat['after']:.2f} ms "
+            f"latency (onnxruntime {lat['provider']}, batch {lat['batch_size']}, p50 of "
+            f"{lat['runs']} interleaved runs): {lat['before']:.2f} ms -> {lat['after']:.2f} ms "
             f"({lat['before'] / lat['after']:.2f}x)"
         )
-    if result.extra["training"]["workdir"]:
+    settings = result.settings
+    if settings.get("outputs", {}).get("report_dir"):
+        console.print(f"report and plots in {settings['outputs']['report_dir']}", soft_wrap=True)
+    if extra["training"]["workdir"]:
         # soft_wrap: a long path stays on one line, to be copied as it is
-        console.print(f"checkpoints kept in {result.extra['training']['workdir']}", soft_wrap=True)
+        console.print(f"checkpoints kept in {extra['training']['workdir']}", soft_wrap=True)

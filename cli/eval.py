@@ -13,9 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sfp_onnx._io import check_writable, write_json
-from sfp_onnx.data.datasets import DATASETS, DataConfig, check_num_classes, load_datasets
-from sfp_onnx.runtime.evaluate import Accuracy, evaluate_onnx, read_signature
+from sfp_onnx.data.names import DATASETS
 from sfp_onnx.runtime.session import PROVIDERS
 
 __all__ = ["eval_command"]
@@ -93,7 +91,17 @@ def eval_command(
     download: bool,
     json_path: str | None,
 ) -> None:
-    """Measure the top-1 and top-5 accuracy of MODEL on a dataset's test images."""
+    """Measure the top-1 and top-5 accuracy of MODEL on a dataset's test images.
+
+    \b
+    Examples:
+      sfp-onnx eval model.onnx --data cifar10 --data-root ./cifar10
+      sfp-onnx eval model.slim.onnx --data imagefolder --data-root ./images --limit 1000
+    """
+    from sfp_onnx._io import check_writable, write_json
+    from sfp_onnx.data.datasets import DataConfig, check_num_classes, load_datasets
+    from sfp_onnx.runtime.evaluate import evaluate_onnx, read_signature
+
     if json_path:
         check_writable(json_path, inputs=(model,))
     signature = read_signature(model)
@@ -156,7 +164,7 @@ def _progress_bar() -> Progress:
     )
 
 
-def _print_table(model: str, data_name: str, accuracy: Accuracy) -> None:
+def _print_table(model: str, data_name: str, accuracy) -> None:
     table = Table()
     for name, justify in (("Model", "left"), ("Data", "left"), ("Samples", "right")):
         table.add_column(name, justify=justify)

@@ -8,6 +8,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 
@@ -19,18 +20,48 @@ from sfp_onnx.errors import SfpError
 __all__ = ["main"]
 
 
-class _Group(click.Group):
-    """A click group that reports :class:`SfpError` as one line and a non-zero exit code."""
+# Exit codes (the README lists them too).
+EXIT_CODES = {
+    0: "success",
+    1: "an unexpected failure (a bug: please report it with the command line)",
+    2: "a usage error, or an invalid input file",
+    3: "a valid model sfp-onnx cannot handle",
+    4: "a data set that is missing or does not fit the model",
+    5: "a rewritten model that is not exact (nothing was written)",
+    6: "an output that cannot be written",
+    7: "training diverged (the last good checkpoint is kept)",
+    130: "interrupted (Ctrl-C or SIGTERM; the last checkpoint is kept)",
+}
 
-    def invoke(self, ctx: click.Context):
+
+class _Group(click.Group):
+    """A click group whose every failure is one ``error:`` line and a documented exit code."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        """Run the command; usage errors, SfpError and interrupts become one line each."""
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops cleanly, as Ctrl-C does
         try:
-            return super().invoke(ctx)
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
         except SfpError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, click.Abort):
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,7 +77,9 @@ def main() -> None:
       sfp-onnx bench model.onnx s.onnx               # latency before/after
 
     Every command that writes a model checks it against its reference in onnxruntime and
-    writes nothing if it is not exact.
+    writes nothing if it is not exact. Errors are one line starting with "error:"; exit
+    codes: 0 ok, 2 usage or input file, 3 unsupported model, 4 data, 5 not exact, 6 output,
+    7 training diverged, 130 interrupted.
     """
     # onnx2torch's Slice converter indexes with a list, which torch deprecates; the values are
     # right, and a user can do nothing about the warning.

@@ -34,55 +34,95 @@ _external_data_opt = click.option(
 @click.command()
 @_model_arg
 @click.option(
+    "--rate",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="The pruning rate the plan (what each group width keeps) is shown for.",
+)
+@click.option(
+    "--round-to",
+    type=ROUND_TO,
+    default="auto",
+    show_default=True,
+    metavar="K|auto|none",
+    help="Keep multiples of K channels, as prune and compress would (auto: 16 on a "
+    "CPU with AVX-512, else 8); groups no wider than K are kept whole.",
+)
+@click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Write the analysis as JSON."
 )
-@click.option("--layers/--no-layers", default=True, help="Show the per-layer table.")
-def analyze(model: str, json_path: str | None, layers: bool) -> None:
-    """Show which channels of MODEL can be pruned, and what each layer costs.
+@click.option("--layers/--no-layers", default=True, show_default=True,
+              help="Show the per-layer table.")  # fmt: skip
+def analyze(model: str, rate: float, round_to, json_path: str | None, layers: bool) -> None:
+    """Show which channels of MODEL can be pruned, what each layer costs, and what --rate cuts.
 
     Channels that must be kept or removed together (a conv's outputs, every branch of a
     residual Add, Concat segments) form one group. A group is blocked, with the reason shown,
     when it reaches a graph input or output or passes through an op that does not keep zero
-    channels at zero.
+    channels at zero. Each layer's status is its groups': the channels it writes are pruned,
+    only the channels it reads shrink, or it is kept whole (and why).
+
+    \b
+    Examples:
+      sfp-onnx analyze model.onnx
+      sfp-onnx analyze model.onnx --rate 0.4 --round-to 16 --no-layers --json analysis.json
     """
     with status("analyzing"):
-        result = sfp_onnx.analyze(model)
+        result = sfp_onnx.analyze(model, rate=rate, round_to=round_to)
     if layers:
-        table = Table(title="layers")
-        for col in ("layer", "op", "output", "MACs", "params", "prunable"):
-            table.add_column(col, justify="right" if col in ("MACs", "params") else "left")
-        for layer in result.layers:
-            table.add_row(
-                layer.name, layer.op_type, "x".join(map(str, layer.output_shape)),
-                human(layer.macs), human(layer.params),
-                "yes" if layer.name in result.prunable_layers else "-",
-            )  # fmt: skip
-        console.print(table)
+        console.print(_layer_table(result))
+    console.print(_group_table(result))
+    for line in _summary_lines(result):
+        console.print(line, soft_wrap=True)
+    if json_path:
+        from sfp_onnx._io import write_json
+
+        write_json(json_path, result.to_json())
+
+
+def _layer_table(result) -> Table:
+    table = Table(title="layers")
+    for col in ("layer", "op", "output", "MACs", "params", f"at rate {result.rate:g}"):
+        table.add_column(col, justify="right" if col in ("MACs", "params") else "left")
+    for layer in result.layers:
+        table.add_row(
+            layer.name, layer.op_type, "x".join(map(str, layer.output_shape)),
+            human(layer.macs), human(layer.params), result.layer_status.get(layer.name, "-"),
+        )  # fmt: skip
+    return table
+
+
+def _group_table(result) -> Table:
     table = Table(title="channel groups")
-    for col in ("id", "channels", "coupled layers", "status"):
+    for col in ("id", "channels", f"kept at {result.rate:g}", "coupled layers", "status"):
         table.add_column(col)
     for group in result.groups:
         coupled = ", ".join(group.layers[:3]) + (
             f" +{len(group.layers) - 3}" if len(group.layers) > 3 else ""
         )
-        coupled = coupled or "(no layer: a graph input)"
         table.add_row(
-            str(group.id),
-            str(group.channels),
-            coupled,
+            str(group.id), str(group.channels), str(group.kept),
+            coupled or "(no layer: a graph input)",
             "prunable" if group.prunable else f"blocked: {group.blocked}",
-        )
-    console.print(table)
-    share = result.prunable_macs / result.stats.macs if result.stats.macs else 0.0
-    console.print(
-        f"total: {human(result.stats.macs)} MACs, {human(result.stats.params)} parameters; "
-        f"{sum(g.prunable for g in result.groups)} of {len(result.groups)} groups prunable, "
-        f"covering {share:.1%} of the MACs"
-    )
-    if json_path:
-        from sfp_onnx._io import write_json
+        )  # fmt: skip
+    return table
 
-        write_json(json_path, result.to_json())
+
+def _summary_lines(result) -> list[str]:
+    share = result.prunable_macs / result.stats.macs if result.stats.macs else 0.0
+    rounding = f"round-to {result.round_to}" if result.round_to else "no rounding"
+    plan = ", ".join(f"{c}->{k} ({1 - k / c:.0%})" for c, k in result.width_plan().items())
+    lines = [
+        f"total: {human(result.stats.macs)} MACs, {human(result.stats.params)} parameters; "
+        f"{sum(g.prunable for g in result.groups)} of {len(result.groups)} groups prunable",
+        f"at rate {result.rate:g} with {rounding}: channels kept per group width "
+        f"{plan or '(none)'}; the layers that shrink hold {share:.1%} of the MACs",
+    ]
+    if result.uncounted:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(result.uncounted.items()))
+        lines.append(f"not counted in the MACs: {ops} (their cost is not sized here)")
+    return lines
 
 
 @click.command()
@@ -97,6 +137,11 @@ def slim(model: str, output: str, report: str | None, external_data: bool | None
     channel goes when its filter row and bias (or the following norm's scale and shift) are
     zero. In a residual group a channel is kept if any branch still uses it. The result is
     checked against MODEL in onnxruntime; nothing is written if it differs.
+
+    \b
+    Examples:
+      sfp-onnx slim masked.onnx -o slim.onnx
+      sfp-onnx slim masked.onnx -o slim.onnx --report slim.json
     """
     with status("slimming"):
         result = sfp_onnx.slim(model, output, report=report, external_data=external_data)
@@ -147,6 +192,11 @@ def prune(model: str, output: str, rate: float, criterion: str, round_to: int | 
     suits this machine's kernels, see --round-to), and the zeroed channels are removed. The
     summary shows the rate each group really got. For accuracy, fine-tune with
     `sfp-onnx compress` instead.
+
+    \b
+    Examples:
+      sfp-onnx prune model.onnx --rate 0.3 -o model.slim.onnx
+      sfp-onnx prune model.onnx --rate 0.5 --round-to none --criterion fpgm -o slim.onnx
     """
     with status("pruning"):
         result = sfp_onnx.prune(

@@ -23,34 +23,80 @@ from sfp_onnx.errors import ExactnessError, UsageError
 from sfp_onnx.graph.analyze import analyze_model
 from sfp_onnx.graph.groups import Analysis
 from sfp_onnx.graph.load import clone_model, load_model, save_model
-from sfp_onnx.graph.measure import count_layer_costs, measure_model
+from sfp_onnx.graph.measure import count_layer_costs, measure_model, uncounted_ops
 from sfp_onnx.graph.rewrite import rewrite_model
-from sfp_onnx.graph.soft_prune import CRITERIA, soft_prune_model
+from sfp_onnx.graph.soft_prune import CRITERIA, prune_count, soft_prune_model
 from sfp_onnx.graph.zeros import removable_channels
 from sfp_onnx.report import AnalysisReport, Report, summarize_group
 from sfp_onnx.runtime.target import resolve_round_to
 from sfp_onnx.runtime.verify import verify_models
 
-__all__ = ["Outputs", "analyze", "prune", "slim", "write_pruned"]
+__all__ = ["Outputs", "analyze", "layer_statuses", "prune", "slim", "write_pruned"]
 
 PathLike = str | os.PathLike
 
 
-def analyze(model: PathLike) -> AnalysisReport:
-    """Channel groups, per-layer MACs and parameters, and the share of MACs that can be pruned."""
+def analyze(
+    model: PathLike, *, rate: float = 0.3, round_to: int | str | None = None
+) -> AnalysisReport:
+    """Channel groups, per-layer costs, and what pruning at ``rate`` would cut.
+
+    Args:
+        model: the ONNX file (only read).
+        rate: the pruning rate the plan is for (what each group width would keep).
+        round_to: keep multiples of this many channels (``"auto"``: this machine's, as
+            ``prune``); a group no wider than it is kept whole.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise UsageError(f"--rate must be in [0, 1), got {rate}")
+    multiple = resolve_round_to(round_to)
     ir_model = load_model(model)
     analysis = analyze_model(ir_model)
-    layers = count_layer_costs(ir.serde.serialize_model(ir_model))
-    prunable_layers = frozenset(
-        piece.node for group in analysis.prunable_groups for piece in group.slices
-    )
+    proto = ir.serde.serialize_model(ir_model)
+    layers = count_layer_costs(proto)
+    cut = {g.id: prune_count(g.channels, rate, multiple) for g in analysis.prunable_groups}
+    status, shrinking = layer_statuses(analysis, cut, multiple)
     return AnalysisReport(
         input=str(model),
-        groups=tuple(summarize_group(g) for g in analysis.groups),
+        groups=tuple(summarize_group(g, cut.get(g.id, 0)) for g in analysis.groups),
         layers=tuple(layers),
-        prunable_layers=prunable_layers,
+        layer_status=status,
+        shrinking_layers=frozenset(shrinking),
         stats=measure_model(model),
+        rate=rate,
+        round_to=multiple,
+        uncounted=uncounted_ops(proto),
     )
+
+
+def layer_statuses(
+    analysis: Analysis, cut: Mapping[int, int], round_to: int | None
+) -> tuple[dict[str, str], set[str]]:
+    """Per layer: what pruning does to it, read off its output and input groups."""
+    status: dict[str, str] = {}
+    shrinking: set[str] = set()
+    for group in analysis.groups:
+        removed = cut.get(group.id, 0)
+        width = f"{group.channels}->{group.channels - removed}"
+        for layer in group.layers:
+            status[layer] = _output_status(group, removed, width, round_to)
+            if removed:
+                shrinking.add(layer)
+        for point in group.consumers if removed else ():
+            shrinking.add(point.node)
+            if point.node not in status or status[point.node].startswith(("blocked", "kept")):
+                status[point.node] = f"input {width}"
+    return status, shrinking
+
+
+def _output_status(group, removed: int, width: str, round_to: int | None) -> str:
+    if not group.prunable:
+        return f"blocked: {group.blocked}"
+    if removed:
+        return f"pruned {width}"
+    if round_to and group.channels <= round_to:
+        return f"kept whole ({group.channels} <= round-to {round_to})"
+    return "kept (rate rounds to 0)"
 
 
 @dataclass(frozen=True)

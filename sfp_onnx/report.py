@@ -85,7 +85,7 @@ class Report:
             "input": self.input,
             "output": self.output,
             "settings": self.settings,
-            "flops": {"before": self.before.macs, "after": self.after.macs},
+            "macs": {"before": self.before.macs, "after": self.after.macs},
             "params": {"before": self.before.params, "after": self.after.params},
             "file_bytes": {"before": self.before.file_bytes, "after": self.after.file_bytes},
             "macs_reduction": self.macs_reduction,
@@ -97,18 +97,40 @@ class Report:
 
 @dataclass(frozen=True)
 class AnalysisReport:
-    """The outcome of ``analyze``: groups, per-layer costs and how much of it can be pruned."""
+    """The outcome of ``analyze``: groups, per-layer costs, and what a rate would cut.
+
+    Attributes:
+        input: the model analysed.
+        groups: every channel group, with the width it would keep at ``rate``.
+        layers: MACs and parameters of each compute node.
+        layer_status: per layer, in words, what pruning at ``rate`` does to it (from the
+            groups it writes and reads), e.g. "pruned 64->48", "input 64->48", "blocked: ...".
+        shrinking_layers: the layers whose output or input channels would shrink.
+        stats: the model's totals.
+        rate: the rate the plan is for.
+        round_to: the channel multiple the plan keeps (None: no rounding).
+        uncounted: op types (and counts) that cost compute this count does not size.
+    """
 
     input: str
     groups: tuple[GroupSummary, ...]
     layers: tuple[LayerCost, ...]
-    prunable_layers: frozenset[str]
+    layer_status: dict[str, str]
+    shrinking_layers: frozenset[str]
     stats: ModelStats
+    rate: float = 0.3
+    round_to: int | None = None
+    uncounted: dict[str, int] = field(default_factory=dict)
 
     @property
     def prunable_macs(self) -> int:
-        """MACs of layers that read or write a prunable group."""
-        return sum(layer.macs for layer in self.layers if layer.name in self.prunable_layers)
+        """MACs of the layers whose input or output channels shrink at ``rate``."""
+        return sum(layer.macs for layer in self.layers if layer.name in self.shrinking_layers)
+
+    def width_plan(self) -> dict[int, int]:
+        """Width of a prunable group -> channels it keeps at ``rate`` (requested vs realised)."""
+        return {g.channels: g.kept for g in sorted(self.groups, key=lambda g: g.channels)
+                if g.prunable}  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """JSON form of the analysis."""
@@ -117,11 +139,16 @@ class AnalysisReport:
             "macs": self.stats.macs,
             "params": self.stats.params,
             "file_bytes": self.stats.file_bytes,
+            "rate": self.rate,
+            "round_to": self.round_to,
             "prunable_macs": self.prunable_macs,
             "prunable_macs_share": self.prunable_macs / self.stats.macs if self.stats.macs else 0.0,
+            "uncounted_ops": self.uncounted,
+            "width_plan": {str(c): k for c, k in self.width_plan().items()},
             "groups": [g.to_json() for g in self.groups],
-            "layers": [
-                {**asdict(layer), "prunable": layer.name in self.prunable_layers}
-                for layer in self.layers
-            ],
+            "layers": [self._layer_json(layer) for layer in self.layers],
         }
+
+    def _layer_json(self, layer: LayerCost) -> dict[str, Any]:
+        status = self.layer_status.get(layer.name, "-")
+        return {**asdict(layer), "status": status, "shrinks": layer.name in self.shrinking_layers}

@@ -95,7 +95,7 @@ def test_compress_completes_exactly(model, variant, export_dir, cifar10_root, tm
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert data["verification"]["exact"] and data["verification"]["inputs"].startswith("real")
-    assert data["flops"]["after"] < data["flops"]["before"]
+    assert data["macs"]["after"] < data["macs"]["before"]
     src, dst = onnx.load(str(source)).graph, onnx.load(str(out)).graph
     assert [(v.name, v.type) for v in src.input] == [(v.name, v.type) for v in dst.input]
     assert [(v.name, v.type) for v in src.output] == [(v.name, v.type) for v in dst.output]

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from sfp_onnx.data.datasets import DataConfig, Datasets, load_datasets
-from sfp_onnx.errors import DataError, TrainingInterrupted, UsageError
+from sfp_onnx.errors import DataError, TrainingDiverged, TrainingInterrupted, UsageError
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.train import (
     CHECKPOINT,
+    METRICS,
     ProgressEvent,
     TrainConfig,
     learning_rate,
@@ -161,12 +162,15 @@ def test_resolve_device() -> None:
 
 
 def test_two_epochs_train_hook_and_checkpoint(data: Datasets, tmp_path: Path) -> None:
-    """Loss falls; the hook runs once per epoch; the checkpoint holds the masked weights."""
-    module, calls, events = tiny_net(), [], []
+    """Loss falls; the hook runs once per epoch; the checkpoint holds the masked weights;
+    metrics.csv gains a row at every epoch end, during the run."""
+    module, calls, events, rows_seen = tiny_net(), [], [], []
     config = replace(CONFIG, epochs=2)
 
     def hook(epoch: int, net: nn.Module) -> dict:
         calls.append(epoch)
+        metrics = tmp_path / METRICS
+        rows_seen.append(len(metrics.read_text().splitlines()) if metrics.exists() else 0)
         return zero_weakest_filter(epoch, net)
 
     result = train(
@@ -181,7 +185,11 @@ def test_two_epochs_train_hook_and_checkpoint(data: Datasets, tmp_path: Path) ->
     extra = result.epochs[1].extra
     assert extra["kept_channels"] == 7 and type(extra["zeroed"]) is int
     assert result.resumed_from is None and result.device == "cpu"
-    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT]  # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT, METRICS]  # no temporary files left
+    assert rows_seen == [0, 2]  # header + epoch 1, while epoch 2 was still running
+    header, *rows = (tmp_path / METRICS).read_text().splitlines()
+    assert header.split(",")[:4] == ["epoch", "train_loss", "train_accuracy", "val_accuracy"]
+    assert [float(r.split(",")[1]) for r in rows] == [r.train_loss for r in result.epochs]
 
     saved = load_checkpoint(tmp_path)
     assert saved["epoch"] == 2
@@ -226,6 +234,42 @@ def test_eval_every_skips_epochs_but_not_the_last(data: Datasets, tmp_path: Path
     config = replace(CONFIG, epochs=3, eval_every=2)
     result = train(tiny_net(), data.train, data.test, config, workdir=tmp_path)
     assert [r.eval_accuracy is not None for r in result.epochs] == [False, True, True]
+
+
+class _Explode(TrainingHook):
+    """Multiplies the classifier's weights by 1e6 after step ``at`` (a learning rate gone bad)."""
+
+    name = "explode"
+
+    def __init__(self, net: nn.Module, at: int) -> None:
+        self.net, self.at = net, at
+
+    def after_step(self, step: int) -> None:
+        if step == self.at:
+            with torch.no_grad():
+                self.net[-1].weight.mul_(1e6)
+
+
+def test_exploding_loss_stops_with_one_line_and_keeps_the_last_good_epoch(
+    data: Datasets, tmp_path: Path
+) -> None:
+    """A loss that explodes in epoch 2 (finite, but 1e5x its start) stops the run before the
+    epoch is saved: the message names the epoch and --lr; the checkpoint is epoch 1's."""
+    module = tiny_net()
+    steps = math.ceil(len(data.train) / CONFIG.batch_size)
+    with pytest.raises(TrainingDiverged) as info:
+        train(
+            module, data.train, data.test, replace(CONFIG, epochs=3), workdir=tmp_path,
+            hooks=[_Explode(module, at=steps + 1)], settings=SETTINGS,
+        )  # fmt: skip
+    message = str(info.value)
+    assert "training diverged in epoch 2" in message and "--lr" in message
+    assert "\n" not in message
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["epoch"] == 1
+    assert all(
+        torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point()
+    )
 
 
 def test_empty_training_set_is_a_data_error(data: Datasets, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -551,7 +552,7 @@ def create_loader(
         return TensorBatches(
             dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, device=device
         )
-    return DataLoader(
+    return _StoppableLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -564,9 +565,31 @@ def create_loader(
     )
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class _StoppableLoader(DataLoader):
+    """A DataLoader whose workers leave Ctrl-C and SIGTERM to this process.
+
+    Sent to the whole process group (a terminal closing, ``timeout``, ``scancel``), the signals
+    would otherwise reach the workers too; a worker dying on one takes this process down with a
+    ``DataLoader worker ... is killed`` traceback. The signals are blocked while the workers are
+    forked (so a worker cannot receive one before it ignores them), and delivered here right
+    after: this process stops cleanly and shuts its workers down itself.
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 def _leave_stop_signals_to_the_parent(_worker_id: int) -> None:
-    """Loader workers ignore Ctrl-C and SIGTERM: sent to the whole process group (a terminal
-    closing, ``timeout``, ``scancel``), they would kill the workers and the parent would die on
-    a traceback. The parent stops cleanly and shuts its workers down itself."""
+    """In a loader worker: ignore Ctrl-C and SIGTERM (see _StoppableLoader), then unblock them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)

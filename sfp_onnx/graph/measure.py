@@ -24,12 +24,14 @@ from sfp_onnx.graph.load import read_model_proto
 from sfp_onnx.graph.passes import fold_static_shapes
 
 __all__ = [
+    "UNCOUNTED_OPS",
     "LayerCost",
     "ModelStats",
     "count_layer_costs",
     "count_params",
     "measure_model",
     "model_file_bytes",
+    "uncounted_ops",
 ]
 
 _FLOAT_TYPES = frozenset(
@@ -56,7 +58,7 @@ class LayerCost:
 
     Attributes:
         name: the node's name (``<op_type>_<index>`` for an unnamed node).
-        op_type: Conv, ConvTranspose, Gemm or MatMul.
+        op_type: Conv, ConvTranspose, Gemm, MatMul, RNN, GRU or LSTM.
         macs: multiply-accumulates for one sample (batch 1).
         params: elements of the initializers and Constant tensors the node reads directly.
         output_shape: shape of its first output, at the batch size the costs were counted for.
@@ -99,17 +101,49 @@ def _matmul_macs(node: onnx.NodeProto, shape: Callable[[str], Shape]) -> int:
     return math.prod(shape(node.output[0])) * shape(node.input[0])[-1]
 
 
+def _recurrent_macs(gates: int) -> Callable[[onnx.NodeProto, Callable[[str], Shape]], int]:
+    """RNN (1 gate), GRU (3), LSTM (4): per step and direction, gates·H·(input + H) MACs."""
+
+    def macs(node: onnx.NodeProto, shape: Callable[[str], Shape]) -> int:
+        seq, batch, features = shape(node.input[0])  # layout 0: [seq, batch, input]
+        directions, rows, _ = shape(node.input[1])  # W: [directions, gates·H, input]
+        hidden = rows // gates
+        return seq * batch * directions * rows * (features + hidden)
+
+    return macs
+
+
 # MACs of a whole node at the inferred shapes (all samples of the batch), by op type.
 _MACS: dict[str, Callable[[onnx.NodeProto, Callable[[str], Shape]], int]] = {
     "Conv": _conv_macs,
     "ConvTranspose": _conv_transpose_macs,
     "Gemm": _gemm_macs,
     "MatMul": _matmul_macs,
+    "RNN": _recurrent_macs(1),
+    "GRU": _recurrent_macs(3),
+    "LSTM": _recurrent_macs(4),
 }
+# Ops that cost multiply-adds this count does not size; reported so no total hides them.
+UNCOUNTED_OPS = frozenset(
+    {
+        "Einsum", "Attention", "MultiHeadAttention", "ConvInteger", "MatMulInteger",
+        "QLinearConv", "QLinearMatMul", "Loop", "Scan", "If", "DeformConv",
+    }
+)  # fmt: skip
+
+
+def uncounted_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type in :data:`UNCOUNTED_OPS` the graph has."""
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in UNCOUNTED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    return found
 
 
 def count_layer_costs(model: onnx.ModelProto, batch_size: int = 1) -> list[LayerCost]:
-    """Count MACs and parameters of each Conv, ConvTranspose, Gemm and MatMul, in graph order.
+    """Count MACs and parameters of each Conv, ConvTranspose, Gemm, MatMul, RNN, GRU and LSTM
+    node, in graph order.
 
     Shapes come from ONNX shape inference on a light copy of the model (weights replaced by
     their shapes), so ``model`` is left untouched and may be large or hold external data.

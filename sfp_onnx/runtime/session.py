@@ -11,19 +11,23 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from sfp_onnx.errors import UsageError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["OPT_LEVELS", "PROVIDERS", "create_session", "cuda_available", "resolve_providers"]
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+# graph optimisation levels -> onnxruntime's enum names (onnxruntime is imported on first use,
+# so that the command line and the ONNX-only stages start without it)
 OPT_LEVELS = {
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "all": "ORT_ENABLE_ALL",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "basic": "ORT_ENABLE_BASIC",
+    "disable": "ORT_DISABLE_ALL",
 }
 _ORT_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -35,6 +39,8 @@ _ORT_NAMES = {
 @functools.cache
 def cuda_available() -> bool:
     """True when a CUDA device is usable (checked through torch, which never logs errors)."""
+    import onnxruntime as ort
+
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     try:
@@ -61,6 +67,8 @@ def resolve_providers(provider: str = "auto") -> list[str]:
     if provider in ("cuda", "tensorrt"):
         if not cuda_available():
             raise UsageError(f"provider {provider!r} needs a CUDA GPU; none is available here")
+        import onnxruntime as ort
+
         if _ORT_NAMES[provider] not in ort.get_available_providers():
             raise UsageError(f"this onnxruntime build has no {_ORT_NAMES[provider]}")
     chain = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"]}
@@ -89,8 +97,10 @@ def create_session(
         raise UsageError(
             f"unknown optimisation level {opt_level!r}; choose one of {list(OPT_LEVELS)}"
         )
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
-    options.graph_optimization_level = OPT_LEVELS[opt_level]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads

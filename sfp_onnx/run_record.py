@@ -1,0 +1,106 @@
+"""What a ``compress`` run was, in full: the report's settings and the lines that announce them.
+
+This module owns the record that makes a run reproducible from its report — every resolved
+setting (pruning, training, data, distillation, outputs), absolute paths, the exact command
+line when the CLI gives it, versions and the device — and the one-line descriptions of the
+data and of the pruning plan that ``compress`` prints before it trains. It computes nothing
+the run depends on; the plan it describes is the one :func:`sfp_onnx.graph.soft_prune.prune_count`
+gives each group width.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, fields
+from importlib import metadata
+from pathlib import Path
+
+from sfp_onnx._version import __version__
+from sfp_onnx.data.datasets import DataConfig, Datasets
+from sfp_onnx.graph.groups import Analysis
+from sfp_onnx.graph.soft_prune import prune_count
+
+__all__ = ["describe_data", "describe_pruning", "rate_plan", "run_settings"]
+
+_PACKAGES = ("torch", "torchvision", "onnx", "onnx-ir", "onnxruntime-gpu", "onnxruntime", "numpy")
+
+
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _versions() -> dict[str, str]:
+    found = {"sfp_onnx": __version__, "python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def run_settings(
+    *, model, output, sfp, data: DataConfig, training, distill, options, workdir, device: str
+) -> dict:
+    """Every setting of a ``compress`` run, resolved, with paths made absolute."""
+    data_settings = asdict(data)
+    data_settings["root"] = _absolute(data.root)
+    data_settings["mean"], data_settings["std"] = (list(v) for v in data.normalization)
+    output_settings = {
+        f.name: _absolute(getattr(options, f.name))
+        if f.name in ("save_masked", "report", "report_dir")
+        else getattr(options, f.name)
+        for f in fields(options)
+        if f.name not in ("progress", "workdir", "command_line")
+    }
+    return {
+        "command_line": options.command_line,
+        "input": _absolute(model),
+        "output": _absolute(output),
+        "workdir": _absolute(workdir),
+        "pruning": asdict(sfp),
+        "training": asdict(training),
+        "data": data_settings,
+        "distillation": {**asdict(distill), "teacher": _absolute(distill.teacher or model)},
+        "outputs": output_settings,
+        "device": device,
+        "seed": training.seed,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "versions": _versions(),
+    }
+
+
+def describe_data(data: DataConfig, datasets: Datasets) -> str:
+    """One line: the images, how they are split, held and augmented, and the normalisation."""
+    mean, std = (", ".join(f"{v:.4g}" for v in values) for values in (datasets.mean, datasets.std))
+    val = f"{len(datasets.val)} validation / " if datasets.val is not None else ""
+    held = "decoded once into memory" if datasets.decoded else "read from the files every epoch"
+    source = data.root or "the download cache"
+    return (
+        f"data: {data.name} from {source}: {len(datasets.train)} training / {val}"
+        f"{len(datasets.test)} test images, {held}; training images get "
+        f"{datasets.augmentation}; normalised with mean ({mean}), std ({std})"
+    )
+
+
+def rate_plan(sfp, analysis: Analysis) -> dict[int, int]:
+    """Group width -> channels kept at the target rate (after rounding), for trainable groups."""
+    widths = sorted({g.channels for g in analysis.groups if g.prunable and g.filters})
+    return {c: c - prune_count(c, sfp.rate, sfp.round_to) for c in widths}
+
+
+def describe_pruning(sfp, analysis: Analysis) -> str:
+    """One line: the method and, per group width, the rate asked for and the one realised."""
+    plan = rate_plan(sfp, analysis)
+    widths = ", ".join(f"{c}->{k} ({1 - k / c:.0%})" for c, k in plan.items()) or "none"
+    rounding = f"multiples of {sfp.round_to}" if sfp.round_to else "no rounding"
+    if sfp.method == "sfp-paper":
+        how = "the paper's epoch-end zeroing of filter rows"
+    else:
+        phase = f"the first {1 - sfp.freeze:.0%} of the steps"
+        how = f"masks in the forward pass, re-chosen during {phase}, then frozen"
+    return (
+        f"pruning: {sfp.method}, rate {sfp.rate:g} ({sfp.criterion} scores, {rounding}); "
+        f"channels kept per group width: {widths}; {how}"
+    )
