@@ -104,3 +104,31 @@ def test_prune_chooses_the_same_channels_with_bn_kept_or_folded(tmp_path, criter
         for p in (kept, folded)
     ]
     assert np.abs(outputs[0] - outputs[1]).max() <= 1e-4 * np.abs(outputs[0]).max()
+
+
+class _Decoder(torch.nn.Module):
+    """Only transposed convolutions (with BN and ReLU): a decoder-style net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        t = torch.nn.ConvTranspose2d
+        self.body = torch.nn.Sequential(
+            t(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            t(16, 24, 4, stride=2, padding=1), torch.nn.BatchNorm2d(24), torch.nn.ReLU(),
+            t(24, 3, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("variant", ["kept17", "fold13", "dynamo"])
+def test_convtranspose_only_graphs_are_pruned_exactly(tmp_path, variant):
+    """No Conv at all: the transposed convs' output channels (weight axis 1) are pruned."""
+    torch.manual_seed(0)
+    path = export(randomize_norms(_Decoder()), tmp_path / "decoder.onnx", variant, size=16)
+    report = sfp_onnx.prune(path, tmp_path / "slim.onnx", rate=0.3, round_to=None)
+    assert report.verification.exact
+    kept = sorted((g.channels, g.kept) for g in report.groups if g.prunable)
+    assert kept == [(16, 12), (24, 17)]
+    assert report.macs_reduction > 0.4

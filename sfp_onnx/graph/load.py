@@ -151,9 +151,9 @@ def check_model_proto(model: onnx.ModelProto, name: str) -> None:
             f"{name} is a quantized graph ({', '.join(quantized)}); "
             "prune the float model, then quantize the result"
         )
-    if "Conv" not in op_types:
+    if not op_types & {"Conv", "ConvTranspose"}:
         raise UnsupportedModelError(
-            f"{name} has no Conv node; sfp-onnx prunes convolutional networks"
+            f"{name} has no Conv or ConvTranspose node; sfp-onnx prunes convolutional networks"
         )
     _check_finite(model, name)
 
