@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist every test process gets its share of the cores, before torch (or a
+# subprocess started by a test) sizes its thread pool: two processes of two threads each on
+# two cores run slower than two of one.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
 # Real CIFAR-10 as an ImageFolder tree, beside the repository (see its README.txt).
 _DEFAULT_CIFAR10 = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
 
