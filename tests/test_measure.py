@@ -5,10 +5,13 @@ hand-built graph of Conv (2-D, grouped), BatchNormalization, ConvTranspose, Resh
 Conv, Gemm and a MatMul whose weight is a Constant node, whose costs are worked out by hand;
 a 3-D Conv and batched/broadcast MatMuls; weights listed as graph inputs (IR 3 style); the
 same model saved with external data; an input with a symbolic spatial axis; ShuffleNet
-exported by both exporters (shapes computed at run time).
+exported by both exporters (shapes computed at run time); a conv feeding an LSTM (torch's
+export), and an Einsum whose cost is not sized.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import onnx
@@ -218,3 +221,51 @@ def test_shapes_computed_at_run_time_are_folded(tmp_path, variant):
     legacy = measure_model(export_default("shufflenet_v2_x0_5", variant, tmp_path))
     dynamo = measure_model(export_default("shufflenet_v2_x0_5", "dynamo", tmp_path))
     assert legacy.macs == dynamo.macs > 0
+
+
+class _ConvLstm(torch.nn.Module):
+    """A conv whose 4x4 output positions are the 16 steps of an LSTM (8 -> 12), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.lstm = torch.nn.LSTM(8, 12)
+        self.head = torch.nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = self.conv(x).flatten(2).permute(2, 0, 1)  # [16, N, 8]
+        out, _ = self.lstm(steps)
+        return self.head(out[-1])
+
+
+def test_lstm_compute_is_counted(tmp_path):
+    """LSTM MACs per step: 4 gates x H x (input + H); the analysis' total holds them."""
+    import sfp_onnx
+
+    path = tmp_path / "conv_lstm.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ConvLstm().eval(), (torch.randn(1, 3, 4, 4),), str(path), dynamo=False)
+    costs = {c.op_type: c.macs for c in count_layer_costs(onnx.load(str(path)))}
+    assert costs["LSTM"] == 16 * 4 * 12 * (8 + 12)
+    assert costs["Conv"] == 16 * 8 * 3 * 9
+    analysis = sfp_onnx.analyze(path)
+    assert analysis.stats.macs == sum(costs.values()) and analysis.uncounted == {}
+
+
+def test_ops_whose_cost_is_not_counted_are_named(tmp_path):
+    """An Einsum's multiply-adds are not sized: analyze says so instead of a silent total."""
+    import sfp_onnx
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    weight = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Einsum", ["c", "c"], ["y"], equation="nchw,nchw->nc"),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "einsum.onnx"
+    onnx.save(model, str(path))
+    assert sfp_onnx.analyze(path).uncounted == {"Einsum": 1}
