@@ -143,15 +143,17 @@ def test_class_count_mismatch_is_one_line(tmp_path):
             "--data-root", str(cifar10_root()), "-o", str(tmp_path / "o.onnx")]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
-    assert "100" in result.output and "10 classes" in result.output
-    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
+    assert "100" in result.stderr and "10 classes" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
 
 
 def _cli_error(args: list[str]) -> str:
+    """The one ``error:`` line on stderr (stdout may show the stages that ran before it)."""
     result = CliRunner().invoke(main, args)
-    lines = result.output.strip().splitlines()
+    lines = result.stderr.strip().splitlines()
     assert result.exit_code != 0, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "error" not in result.stdout
     assert "Traceback" not in result.output
     return lines[0]
 
