@@ -261,7 +261,8 @@ def render(arms: list[dict], args) -> str:
 
 def _round_to(arm: dict) -> str:
     """The rounding asked for, and what ``auto`` resolved to on this machine."""
-    resolved = arm.get("settings", {}).get("round_to")
+    settings = arm.get("settings", {})
+    resolved = settings.get("pruning", {}).get("round_to", settings.get("round_to"))
     asked = arm["round_to"]
     if asked == "auto" and resolved:
         return f"auto ({resolved})"

@@ -3,7 +3,9 @@
 The same module (a CIFAR ResNet exported to ONNX and imported back into torch, as
 ``compress`` does) trains one epoch on the same real CIFAR-10 images, alternately:
 
-- plain: a bare torch loop (SGD with Nesterov momentum, cross entropy), nothing else;
+- plain: a bare torch loop (SGD with Nesterov momentum, cross entropy) over the same
+  pre-decoded tensors and batch augmentation, nothing else — the compute limit;
+- no pruning: :func:`sfp_onnx.training.train.train` alone (its loop, data path, checkpoint);
 - soft-mask: :func:`sfp_onnx.training.train.train` with ``compress``'s default pruner
   (:class:`sfp_onnx.training.soft_masks.SoftMaskPruner`: gates on every forward pass,
   re-selection every 16 steps) and the checkpoint;
@@ -116,13 +118,17 @@ class Timed(TrainingHook):
         return self._timed("epoch_end", epoch)
 
 
-ARMS = ("soft-mask", "soft-mask + distillation", "sfp-paper")
+COLUMNS = ["", "seconds", "img/s", "throughput / plain", "time vs plain", "in the hook (vs plain)"]
+ARMS = ("no pruning", "soft-mask", "soft-mask + distillation", "sfp-paper")
 
 
 def pruning_epoch(
     kind: str, imported, model, analysis, teacher, dataset, config, rate, workdir
 ) -> dict:
     """One epoch of ``train`` with the arm's hook; total, epoch and in-hook seconds."""
+    if kind == "no pruning":  # the loop, the data path and the checkpoint alone
+        result = train(imported.module, dataset, None, config, workdir=workdir)
+        return {"total": result.seconds, "epoch": result.epochs[0].seconds, "hook": 0.0}
     if kind == "sfp-paper":
         hook = PaperSfpPruner(imported, list(analysis.groups), SfpConfig(rate, method="sfp-paper"))
     else:
@@ -176,10 +182,11 @@ def main() -> None:
         arm: {k: statistics.median(r[k] for r in times[arm]) for k in ("total", "epoch", "hook")}
         for arm in ARMS
     }
-    rows = [["plain torch epoch", f"{plain_s:.2f}", "—", "—"]]
+    rows = [["plain torch epoch", f"{plain_s:.2f}", f"{args.images / plain_s:.0f}", "—", "—", "—"]]
     for arm, m in medians.items():
         rows.append([
             f"`train` + {arm} + checkpoint", f"{m['total']:.2f}",
+            f"{args.images / m['total']:.0f}", f"{plain_s / m['total']:.3f}",
             f"{m['total'] / plain_s - 1:+.1%}", f"{m['hook']:.3f} ({m['hook'] / plain_s:.2%})",
         ])  # fmt: skip
     full = plain_s / args.images * FULL_EPOCH  # a whole CIFAR-10 epoch, extrapolated
@@ -191,7 +198,7 @@ def main() -> None:
             "repeats (after one warm-up batch). The hook column is the time spent inside the "
             "pruner's own calls (scoring and re-selection); the gates' multiplications run "
             "inside the forward pass and count in the epoch.\n",
-            md_table(["", "seconds", "vs plain", "in the hook (vs plain)"], rows),
+            md_table(COLUMNS, rows),
             f"\nA full CIFAR-10 epoch ({FULL_EPOCH:,} images) is ~{full:.0f} s of plain training "
             "at this speed.\n",
         ]
