@@ -64,6 +64,12 @@ def uninterrupted(resnet8, tmp_path_factory):
     return _weights(folder / "out.onnx")
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as in a terminal: pytest-xdist's workers ignore SIGINT, and an ignored signal
+    stays ignored across exec (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_resumes_to_the_same_model(resnet8, uninterrupted, tmp_path, sig):
     out, work = tmp_path / "out.onnx", tmp_path / "work"
@@ -71,6 +77,7 @@ def test_killed_run_resumes_to_the_same_model(resnet8, uninterrupted, tmp_path, 
     process = subprocess.Popen(
         CLI + _compress_args(resnet8, out, work),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (work / "checkpoint.pt").exists() and process.poll() is None:
