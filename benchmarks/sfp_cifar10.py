@@ -303,14 +303,15 @@ def plot(arms: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def merged_arms(paths: list[str]) -> list[dict]:
-    """The arms of earlier runs (their files where --keep put them), the original once."""
-    arms: list[dict] = []
+def merged_arms(paths: list[str], model: str) -> list[dict]:
+    """The arms of earlier runs (their files where --keep put them), the original once (as
+    ``model``: the runs may have read it from another checkout)."""
+    arms: list[dict] = [{"arm": "original", "rate": 0.0, "round_to": None, "file": model}]
     for path in paths:
         data = json.loads(Path(path).read_text())
         keep = Path(data["settings"]["keep"])
         for arm in data["arms"]:
-            if arm["arm"] == "original" and arms:
+            if arm["arm"] == "original":
                 continue
             file = Path(arm["file"])
             arms.append({**arm, "file": str(file if file.is_absolute() else keep / file)})
@@ -327,7 +328,7 @@ def main() -> None:
         work = Path(args.keep) if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if args.merge:
-            arms = merged_arms(args.merge)
+            arms = merged_arms(args.merge, args.model)
         else:
             if args.fold_bn:
                 folded = work / f"{Path(args.model).stem}_folded.onnx"
