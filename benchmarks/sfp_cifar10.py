@@ -292,7 +292,8 @@ def plot(arms: list[dict], path: Path) -> None:
         if arm["arm"] in ("original", "unpruned"):
             ax.axhline(100 * arm["top1"], color="grey", linewidth=0.8,
                        linestyle=":" if arm["arm"] == "original" else "-.")  # fmt: skip
-            ax.annotate(arm["arm"], (0, 100 * arm["top1"]), fontsize=8, color="grey")
+            ax.text(0.01, 100 * arm["top1"], arm["arm"], fontsize=8, color="grey",
+                    transform=ax.get_yaxis_transform(), va="bottom")  # fmt: skip
     ax.set_xlabel("MACs cut (%) of the written file")
     ax.set_ylabel("top-1 (%) on the CIFAR-10 test set")
     ax.set_title(f"{Path(base['file']).stem} on CIFAR-10, equal fine-tuning budget per arm")
