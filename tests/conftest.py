@@ -36,3 +36,17 @@ def cifar10_root() -> Path:
             "train/<class>/*.png and test/<class>/*.png"
         )
     return root
+
+
+@pytest.fixture(scope="module")
+def resnet8(tmp_path_factory, cifar10_root: Path) -> Path:
+    """A CIFAR ResNet-8 (BN kept, seeded weights) exported to ONNX, once per test module;
+    the tests that train it use the real CIFAR-10 images, so it needs them too."""
+    import torch
+
+    from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("resnet8") / "resnet8.onnx"
+    export_onnx(create_cifar_resnet(8), path)
+    return path

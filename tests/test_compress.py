@@ -28,14 +28,6 @@ from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 from tests.exports import cifar10_root
 
 
-@pytest.fixture(scope="module")
-def resnet8(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("compress") / "resnet8.onnx"
-    export_onnx(create_cifar_resnet(8), path)
-    return path
-
-
 def _data(**overrides) -> DataConfig:
     if not cifar10_root().exists():
         pytest.skip("real CIFAR-10 not found (set SFP_ONNX_CIFAR10)")

@@ -18,24 +18,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 import sfp_onnx
 from sfp_onnx.errors import OutputError
-from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 from tests.exports import cifar10_root
 
 CLI = [sys.executable, "-m", "sfp_onnx.cli.main"]
-
-
-@pytest.fixture(scope="module")
-def resnet8(tmp_path_factory):
-    if not cifar10_root().exists():
-        pytest.skip("real CIFAR-10 not found (set SFP_ONNX_CIFAR10)")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("reliability") / "resnet8.onnx"
-    export_onnx(create_cifar_resnet(8), path)
-    return path
 
 
 def _compress_args(model: Path, out: Path, workdir: Path) -> list[str]:

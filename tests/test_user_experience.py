@@ -25,21 +25,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
 from tests.exports import cifar10_root
 
 CLI = [sys.executable, "-m", "sfp_onnx.cli.main"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def resnet8(tmp_path_factory) -> Path:
-    if not cifar10_root().exists():
-        pytest.skip("real CIFAR-10 not found (set SFP_ONNX_CIFAR10)")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("experience") / "resnet8.onnx"
-    export_onnx(create_cifar_resnet(8), path)
-    return path
 
 
 def _compress(model: Path, out: Path, work: Path, *extra: str) -> list[str]:
