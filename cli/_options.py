@@ -1,10 +1,10 @@
-"""Option types shared by the commands: ``--round-to`` takes a number, ``auto`` or ``none``."""
+"""Options shared by the commands: ``--round-to`` takes a number, ``auto`` or ``none``."""
 
 from __future__ import annotations
 
 import click
 
-__all__ = ["ROUND_TO", "RoundTo"]
+__all__ = ["ROUND_TO", "RoundTo", "round_to_option"]
 
 
 class RoundTo(click.ParamType):
@@ -28,3 +28,11 @@ class RoundTo(click.ParamType):
 
 
 ROUND_TO = RoundTo()
+
+
+def round_to_option(help: str):
+    """``--round-to K|auto|none`` (default auto) with the command's own ``help``."""
+    return click.option(
+        "--round-to", type=ROUND_TO, default="auto", show_default=True, metavar="K|auto|none",
+        help=help,
+    )  # fmt: skip

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import click
-from sfp_onnx.cli._options import ROUND_TO
+from sfp_onnx.cli._options import round_to_option
 from sfp_onnx.cli._progress import CompressProgress
 from sfp_onnx.cli._render import console, render_report
 
@@ -107,8 +107,7 @@ _PRUNING = _options(
     click.option("--straight-through/--no-straight-through", default=False, show_default=True,
                  help="soft-mask: masked channels get the full gradient as if kept (measured "
                  "to hurt: kept layers then train on paths the network does not have)."),
-    click.option("--round-to", type=ROUND_TO, default="auto", show_default=True,
-                 metavar="K|auto|none",
+    round_to_option(
                  help="Keep a multiple of K channels per group. auto: what the target's fast "
                  "kernels want (16 on a CPU with AVX-512, else 8; 8 when training on CUDA)."),
     click.option("--independent-layers", is_flag=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 from rich.table import Table
-from sfp_onnx.cli._options import ROUND_TO
+from sfp_onnx.cli._options import round_to_option
 from sfp_onnx.cli._render import console, human, render_report, status
 
 import sfp_onnx
@@ -40,12 +40,7 @@ _external_data_opt = click.option(
     show_default=True,
     help="The pruning rate the plan (what each group width keeps) is shown for.",
 )
-@click.option(
-    "--round-to",
-    type=ROUND_TO,
-    default="auto",
-    show_default=True,
-    metavar="K|auto|none",
+@round_to_option(
     help="Keep multiples of K channels, as prune and compress would (auto: 16 on a "
     "CPU with AVX-512, else 8); groups no wider than K are kept whole.",
 )
@@ -165,12 +160,7 @@ def slim(model: str, output: str, report: str | None, external_data: bool | None
     help="Filter importance: L2 norm (SFP), L1 norm (PFEC) or FPGM (distance to the "
     "geometric median).",
 )
-@click.option(
-    "--round-to",
-    type=ROUND_TO,
-    default="auto",
-    show_default=True,
-    metavar="K|auto|none",
+@round_to_option(
     help="Keep a multiple of K channels per group (the kept count is rounded to the nearest "
     "multiple; groups narrower than K stay whole). auto: what this machine's fast kernels "
     "want (16 on a CPU with AVX-512, else 8; 8 with a CUDA GPU); none: floor(RATE x C) exactly.",
