@@ -78,6 +78,9 @@ _TRAINING = _options(
                  show_default=True, help="auto: CUDA (with bf16 autocast) when available."),
     click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Validate every N epochs (and after the last)."),
+    click.option("--sync-bn", is_flag=True,
+                 help="Under torchrun on CUDA: BatchNorm statistics over all GPUs' batches "
+                 "(SyncBatchNorm), for small per-GPU batches."),
 )  # fmt: skip
 _PRUNING = _options(
     click.option("--method", type=click.Choice(["soft-mask", "sfp-paper"]), default="soft-mask",
@@ -182,7 +185,9 @@ def compress(model: str, output: str, **opts) -> None:
        (nothing is written if it is not exact), and measures accuracy, MACs, parameters
        and latency before and after.
     Checkpoints and metrics.csv go to --workdir every epoch; Ctrl-C or SIGTERM stops
-    cleanly (exit 130) and --resume continues.
+    cleanly (exit 130) and --resume continues, with any number of processes.
+    Several GPUs (or CPU processes): start it with torchrun; --batch-size is split
+    over the processes, and rank 0 alone prints and writes.
 
     \b
     Examples:
@@ -190,10 +195,16 @@ def compress(model: str, output: str, **opts) -> None:
       sfp-onnx compress model.onnx --rate 0.4 --data imagefolder --data-root ./images \\
           --epochs 20 --lr 0.005 --report-dir report/ -o model.slim.onnx
       sfp-onnx compress model.onnx --rate 0.3 --data cifar10 --workdir run1 --resume -o s.onnx
+      torchrun --nproc-per-node 4 -m sfp_onnx.cli compress model.onnx --rate 0.3 \\
+          --data imagefolder --data-root ./images --batch-size 512 -o model.slim.onnx
     """
     from sfp_onnx.pipeline import compress as run_compress
+    from sfp_onnx.training.distributed import environment_rank
 
     configs = _configs(opts)
+    if environment_rank() != 0:  # under torchrun: trains along, rank 0 reports
+        run_compress(model, output, **configs(None))
+        return
     with CompressProgress(console, opts["epochs"]) as progress:
         result = run_compress(model, output, **configs(progress))
     _summary(result)
@@ -218,7 +229,7 @@ def _configs(opts: dict):
         epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
         weight_decay=opts["weight_decay"], schedule=opts["lr_schedule"], device=opts["device"],
         seed=opts["seed"], workers=opts["workers"], eval_every=opts["eval_every"],
-        insert_norms=opts["insert_norms"],
+        insert_norms=opts["insert_norms"], sync_batchnorm=opts["sync_bn"],
     )  # fmt: skip
     distill = DistillConfig(
         enabled=opts["distill"], weight=opts["distill_weight"],

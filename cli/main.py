@@ -8,6 +8,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import warnings
@@ -45,19 +46,25 @@ class _Group(click.Group):
             return super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            _error(f"{exc.format_message()}{hint}")
             sys.exit(2)
         except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
+            _error(exc.format_message())
             sys.exit(exc.exit_code)
         except SfpError as exc:
-            click.echo(f"error: {exc}", err=True)
+            _error(str(exc))
             sys.exit(exc.exit_code)
         except (KeyboardInterrupt, click.Abort):
-            click.echo("error: interrupted", err=True)
+            _error("interrupted")
             sys.exit(130)
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> None:
+    """The one ``error:`` line; under torchrun only rank 0 says it (every rank exits with it)."""
+    if int(os.environ.get("RANK", "0")) == 0:  # read here, not via torch: --help stays fast
+        click.echo(f"error: {message}", err=True)
 
 
 def _interrupt(_signum: int, _frame: object) -> None:

@@ -42,6 +42,8 @@ from sfp_onnx.run_record import describe_data, describe_pruning, run_settings
 from sfp_onnx.runtime.evaluate import Accuracy, ImageModelSignature, evaluate_onnx, read_signature
 from sfp_onnx.runtime.session import create_session
 from sfp_onnx.runtime.target import resolve_round_to
+from sfp_onnx.training import distributed
+from sfp_onnx.training.distributed import Ranks
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import ImportedModel, import_model, write_back
 from sfp_onnx.training.norms import BatchNormRecalibration, InsertedNorms
@@ -91,7 +93,7 @@ class _Job:
     signature: ImageModelSignature
     datasets: Datasets
     check_feeds: list[dict]
-    before: Accuracy
+    before: Accuracy | None  # None on the ranks after the first of a distributed run
     emit: Emit
     timing: dict = field(default_factory=dict)
 
@@ -105,8 +107,12 @@ def compress(
     training: TrainConfig | None = None,
     distill: DistillConfig | None = None,
     options: CompressOptions | None = None,
-) -> Report:
+) -> Report | None:
     """Fine-tune ``model`` while soft-pruning it on ``data`` and write the slim model.
+
+    Under ``torchrun`` every process calls this: they train together (DDP, one process per
+    GPU, or gloo on the CPU) and rank 0 alone measures, writes and returns the report; the
+    other ranks return None once training is done.
 
     Args:
         model: the input ONNX classifier (only read).
@@ -119,10 +125,20 @@ def compress(
 
     Returns:
         The report: MACs, parameters, file size, accuracy and latency before and after, the
-        exactness check on real images, the training history and the resolved settings.
+        exactness check on real images, the training history and the resolved settings
+        (None on the ranks after the first of a distributed run).
     """
+    training = training or TrainConfig()
+    with distributed.process_group(training.device) as ranks:
+        return _compress(model, output, sfp, data, training, distill, options, ranks)
+
+
+def _compress(
+    model: PathLike, output: PathLike, sfp: SfpConfig, data: DataConfig, training: TrainConfig,
+    distill: DistillConfig | None, options: CompressOptions | None, ranks: Ranks,
+) -> Report | None:  # fmt: skip
     started = time.perf_counter()
-    training, distill = training or TrainConfig(), distill or DistillConfig()
+    distill = distill or DistillConfig()
     options = options or CompressOptions()
     if isinstance(sfp.round_to, str):
         target = "cuda" if resolve_device(training.device).type == "cuda" else "cpu"
@@ -133,8 +149,11 @@ def compress(
     )  # fmt: skip
     outputs.check(model)
     workdir = Path(options.workdir or f"{output}.work")
-    job = _prepare(model, sfp, data, training, options.progress or _ignore)
+    emit = (options.progress or _ignore) if ranks.is_main else _ignore  # rank 0 reports
+    job = _prepare(model, sfp, data, training, emit)
     history = _fine_tune(job, sfp, data, training, distill, workdir, options.resume)
+    if not ranks.is_main:
+        return None
     with _interrupt_after_training(workdir, output):
         result = _write(job, output, outputs, sfp, training, distill)
         result = _measure(job, result, output, options)
@@ -163,7 +182,8 @@ def _prepare(
     imported = import_model(masked)  # fails fast, naming every op that cannot be imported
     signature = read_signature(model)
     emit(ProgressEvent("stage", message=f"opening {data.name}"))
-    datasets = load_datasets(data, signature.input_size[1:], channels=signature.input_size[0])
+    with distributed.main_first():  # rank 0 fills the decoded-images cache the others read
+        datasets = load_datasets(data, signature.input_size[1:], channels=signature.input_size[0])
     check_num_classes(signature.num_classes, datasets)
     emit(ProgressEvent("note", message=describe_data(data, datasets)))
     emit(ProgressEvent("note", message=describe_pruning(sfp, analysis)))
@@ -173,8 +193,11 @@ def _prepare(
     )  # fmt: skip
     emit(ProgressEvent("stage", message=f"checking the import on {CHECK_IMAGES} test images"))
     _check_import(imported, model, check_feeds)
-    before = _evaluate(model, datasets, emit, "the starting accuracy")
-    emit(ProgressEvent("note", message=f"starting accuracy: {_accuracy(before)} (onnxruntime)"))
+    before = None  # measured and reported by rank 0 alone
+    if distributed.current().is_main:
+        before = _evaluate(model, datasets, emit, "the starting accuracy")
+        message = f"starting accuracy: {_accuracy(before)} (onnxruntime)"
+        emit(ProgressEvent("note", message=message))
     job = _Job(model, masked, analysis, imported, signature, datasets, check_feeds, before, emit)
     job.timing["prepare"] = time.perf_counter() - started
     return job
@@ -198,6 +221,8 @@ def _fine_tune(
         on_progress=job.emit,
         settings=_resume_settings(job.model, sfp, data, distill),
     )  # fmt: skip
+    if not distributed.current().is_main:
+        return history
     job.imported.module.to("cpu").eval()
     if norms is not None:
         norms.fold()
@@ -264,6 +289,8 @@ def _extra(job: _Job, result: Report, history: TrainResult, workdir: Path, optio
             "epochs": [asdict(e) for e in history.epochs],
             "seconds": history.seconds,
             "device": history.device,
+            "processes": history.processes,
+            "backend": history.backend,
             "resumed_from": history.resumed_from,
             "workdir": str(workdir) if options.workdir is not None else None,
         },

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
@@ -520,6 +520,7 @@ def create_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader | TensorBatches:
     """A DataLoader whose order (and workers' augmentation) is fixed by ``seed``.
 
@@ -538,6 +539,9 @@ def create_loader(
         drop_last: drop the last incomplete batch.
         pin_memory: pin batches for faster copies to a GPU.
         device: where a decoded set's batches are made (default: the CPU).
+        shard: (rank, world): this process reads every ``world``-th image of the shuffled
+            order, from ``rank`` on (as a DistributedSampler; the order is the same on every
+            rank, the augmentation draws differ).
 
     Raises:
         UsageError: ``batch_size`` < 1 or ``workers`` < 0.
@@ -548,16 +552,22 @@ def create_loader(
         workers = min(4, os.cpu_count() or 1)
     if workers < 0:
         raise UsageError(f"workers is {workers}; give 0 (load in-process) or more")
+    rank, world = shard
     if isinstance(dataset, DecodedImages):
         return TensorBatches(
-            dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, device=device
-        )
+            dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, device=device,
+            rank=rank, world=world,
+        )  # fmt: skip
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed)
     return _StoppableLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=workers,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed + 7919 * rank),
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,

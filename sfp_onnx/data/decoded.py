@@ -171,6 +171,8 @@ class TensorBatches:
         if self.world > 1:  # pad to a multiple of world, as DistributedSampler does
             order = torch.cat([order, order[: self._count() * self.world - total]])
             order = order[self.rank :: self.world]
+            # the same order on every rank, but each rank its own crops and flips
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank)
         images, targets = self.dataset.tensors(self.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]

@@ -32,6 +32,7 @@ from sfp_onnx.graph.soft_prune import (
     scoring_tensors,
     select_channels,
 )
+from sfp_onnx.training import distributed
 from sfp_onnx.training.channels import (
     check_linked,
     choose_channels,
@@ -178,7 +179,11 @@ class PaperSfpPruner(TrainingHook):
         self.masks = masks
         total = sum(g.channels for g in self.groups)
         zeroed = sum(len(m) for m in masks.values())
-        return {"rate": rate, "kept_channels": total - zeroed, "channels": total, **changes}
+        checked = distributed.check_agreement(self.imported.module, masks)
+        return {
+            "rate": rate, "kept_channels": total - zeroed, "channels": total, **changes,
+            "rank_checks": int(checked),
+        }  # fmt: skip
 
     def _zero_per_layer(self, group: ChannelGroup, rate: float, final: bool) -> np.ndarray:
         """The reference code's choice: each filter picks its own lowest-norm channels.

@@ -38,6 +38,7 @@ import torch
 
 from sfp_onnx.graph.groups import Analysis, ChannelGroup
 from sfp_onnx.graph.soft_prune import prune_count, select_channels
+from sfp_onnx.training import distributed
 from sfp_onnx.training.channels import (
     ArrayView,
     check_linked,
@@ -99,7 +100,7 @@ class SoftMaskPruner(TrainingHook):
         self.total = self.last_selection = self.reselect_every = 1
         self.steps_per_epoch = 1
         self.step = 0
-        self._changes = {"masked": 0, "revived": 0, "selections": 0}
+        self._changes = _no_changes()
 
     # --- the hook points -----------------------------------------------------------------
     def start(self, steps_per_epoch: int, epochs: int) -> None:
@@ -136,7 +137,7 @@ class SoftMaskPruner(TrainingHook):
             "frozen": self.step >= self.last_selection,
             **self._changes,
         }
-        self._changes = {"masked": 0, "revived": 0, "selections": 0}
+        self._changes = _no_changes()
         return record
 
     def state_dict(self) -> dict:
@@ -213,11 +214,14 @@ class SoftMaskPruner(TrainingHook):
         if chosen is None:  # nothing measured since the last selection: keep its masks
             self.rate = previous
             return
+        chosen = distributed.broadcast_from_main(chosen)  # Taylor scores differ per rank
         changes = mask_changes(self.masks, chosen)
         for key, value in changes.items():
             self._changes[key] += value
         self._changes["selections"] += 1
         self.masks = chosen
+        if distributed.check_agreement(self.imported.module, chosen):
+            self._changes["rank_checks"] += 1
 
     def _masked_scale(self) -> float:
         if self.config.masked_scale == "zero" or self.step >= self.last_selection:
@@ -230,3 +234,8 @@ class SoftMaskPruner(TrainingHook):
             values = np.ones(group.channels, dtype=np.float32)
             values[self.masks.get(group.id, np.zeros(0, np.int64))] = scale
             self.gates.set(group.id, values)
+
+
+def _no_changes() -> dict[str, int]:
+    """The per-epoch counters: channels newly masked and revived, selections, rank checks."""
+    return {"masked": 0, "revived": 0, "selections": 0, "rank_checks": 0}

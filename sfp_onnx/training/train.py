@@ -7,23 +7,28 @@ evaluation, checkpoint. A checkpoint holds what a fresh process needs to continu
 bit-identically (weights, optimizer, RNG states, history, the hooks' states) plus the settings
 that must match to continue. Ctrl-C or SIGTERM stops at the last checkpoint.
 
+Under torchrun the same loop runs on every rank: the module wrapped in DDP, each rank on its
+share of every batch (``batch_size`` is the global batch, so a run resumes with any number of
+processes), and only rank 0 evaluating, saving and reporting (:mod:`sfp_onnx.training.distributed`).
+
 What it leaves to others: what rides on the loop (hooks, :mod:`sfp_onnx.training.hooks`),
 the loss (:mod:`sfp_onnx.training.objectives`), datasets and loaders
 (:mod:`sfp_onnx.data.datasets`), accuracy counting (:mod:`sfp_onnx.runtime.evaluate`), the
-checkpoint file and RNG capture (:mod:`sfp_onnx.training.checkpoint`), and showing progress
-(the CLI, through ``on_progress`` events).
+checkpoint file and RNG capture (:mod:`sfp_onnx.training.checkpoint`), the epoch records,
+metrics.csv and the divergence watch (:mod:`sfp_onnx.training.metrics`), interrupts
+(:mod:`sfp_onnx.training.interrupts`), and showing progress (the CLI, through ``on_progress``
+events).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,10 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sfp_onnx._io import write_text
 from sfp_onnx.data.datasets import create_loader
-from sfp_onnx.errors import DataError, TrainingDiverged, TrainingInterrupted, UsageError
+from sfp_onnx.errors import DataError, TrainingDiverged, UsageError
 from sfp_onnx.runtime.evaluate import evaluate_torch
+from sfp_onnx.training import distributed
 from sfp_onnx.training.checkpoint import (
     CHECKPOINT,
     check_same_run,
@@ -45,7 +50,10 @@ from sfp_onnx.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from sfp_onnx.training.distributed import Ranks
 from sfp_onnx.training.hooks import TrainingHook
+from sfp_onnx.training.interrupts import interrupted, last_checkpoint, sigterm_raises_interrupt
+from sfp_onnx.training.metrics import METRICS, EpochRecord, LossWatch, write_metrics
 from sfp_onnx.training.objectives import CrossEntropy
 
 __all__ = [
@@ -66,12 +74,9 @@ __all__ = [
 
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "step")
-METRICS = "metrics.csv"  # per-epoch metrics beside the checkpoint, rewritten every epoch
 BATCH_EVENTS_EVERY = 10  # steps between batch events (each one reads the loss off the GPU)
-# Divergence: a window of steps whose mean loss exceeds this many times the run's first window.
-EXPLODING_LOSS = 20.0
 # TrainConfig fields on how a run executes, not what it computes: a resumed run may change them.
-_EXECUTION_FIELDS = ("device", "amp", "channels_last", "workers", "eval_every")
+_EXECUTION_FIELDS = ("device", "amp", "channels_last", "workers", "eval_every", "sync_batchnorm")
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class TrainConfig:
     """How to fine-tune; validated on construction (raises :class:`UsageError`)."""
 
     epochs: int = 10  # passes over the training set
-    batch_size: int = 128  # images per optimizer step
+    batch_size: int = 128  # images per optimizer step (over all processes of a DDP run)
     lr: float = 0.01  # peak learning rate (a fine-tuning default; from scratch use ~0.1)
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum, as in the SFP reference recipe
@@ -94,6 +99,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always after the last one)
     # BN-folded exports: train with a BatchNorm after each un-normed conv, folded back after
     insert_norms: bool = True
+    sync_batchnorm: bool = False  # DDP on CUDA: BatchNorm statistics over every rank's batch
 
     def __post_init__(self) -> None:
         for name, (valid, wanted) in _LIMITS.items():
@@ -124,30 +130,6 @@ _LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
 
 
 @dataclass(frozen=True)
-class EpochRecord:
-    """What one epoch did.
-
-    Attributes:
-        epoch: 1-based epoch number.
-        train_loss: mean cross-entropy over the epoch's training batches.
-        train_accuracy: top-1 accuracy on the training batches, as they were trained on.
-        eval_accuracy: top-1 accuracy on the evaluation set after the epoch-end hook, or None
-            when the epoch was not evaluated.
-        lr: learning rate of the epoch's last step.
-        seconds: wall time of the epoch (training, hook and evaluation).
-        extra: what the hooks' ``epoch_end`` returned (soft pruning: rate, kept channels...).
-    """
-
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    eval_accuracy: float | None
-    lr: float
-    seconds: float
-    extra: dict
-
-
-@dataclass(frozen=True)
 class TrainResult:
     """The outcome of :func:`train`.
 
@@ -155,13 +137,17 @@ class TrainResult:
         epochs: one record per epoch of the whole run, resumed epochs included.
         seconds: wall time of this call.
         resumed_from: the epoch the run continued after, or None for a fresh start.
-        device: the device trained on.
+        device: the device trained on (rank 0's in a distributed run).
+        processes: how many processes trained together (DDP ranks; 1 without torchrun).
+        backend: their torch.distributed backend (nccl, gloo), None for one process.
     """
 
     epochs: tuple[EpochRecord, ...]
     seconds: float
     resumed_from: int | None
     device: str
+    processes: int = 1
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -263,31 +249,60 @@ def train(
     started = time.perf_counter()
     if len(train_set) == 0:
         raise DataError("the training set has no images; check the data root")
-    emit = on_progress or _ignore
+    ranks = distributed.current()
+    emit = (on_progress or _ignore) if ranks.is_main else _ignore
     settings = plain(settings or {})
-    device = resolve_device(config.device)
+    device = _rank_device(resolve_device(config.device), ranks, config.batch_size)
     path = checkpoint_path(workdir)
     checkpoint = _open_checkpoint(path, resume, config, settings, emit)
     run = _create_run(module, config, device, emit, objective or CrossEntropy(), hooks)
     history, done = _restore(run, checkpoint, path) if checkpoint else _fresh_start(config.seed)
+    run.forward = _data_parallel(run)  # after the restore: DDP starts from rank 0's state
     for hook in hooks:
         hook.start(steps_per_epoch(len(train_set), config.batch_size), config.epochs)
     if done < config.epochs:
         emit(ProgressEvent("note", done, message=_start_note(run, done, train_set)))
-    with _sigterm_raises_interrupt():
+    with sigterm_raises_interrupt():
         for epoch in range(done + 1, config.epochs + 1):
             try:
                 record = _run_epoch(run, train_set, eval_set, epoch)
                 _save(run, path, [*history, record], settings)
             except KeyboardInterrupt:  # epoch - 1 is the last one saved (0: none yet)
-                raise _interrupted(epoch, epoch - 1, path) from None
+                raise interrupted(epoch, epoch - 1, path) from None
             except TrainingDiverged as exc:
-                raise TrainingDiverged(f"{exc}; {_last_checkpoint(epoch - 1, path)}") from None
+                raise TrainingDiverged(f"{exc}; {last_checkpoint(epoch - 1, path)}") from None
             history.append(record)
             emit(_epoch_event(record, config.epochs))
+    distributed.restore_batchnorm(run.synced_norms)
     module.to(memory_format=torch.contiguous_format)
     resumed_from = checkpoint["epoch"] if checkpoint else None
-    return TrainResult(tuple(history), time.perf_counter() - started, resumed_from, str(device))
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        tuple(history), seconds, resumed_from, str(device), ranks.world, ranks.backend
+    )
+
+
+def _rank_device(device: torch.device, ranks: Ranks, batch_size: int) -> torch.device:
+    """This rank's device (its local GPU under torchrun); checks the batch splits evenly."""
+    if not ranks.enabled:
+        return device
+    if batch_size % ranks.world:
+        raise UsageError(
+            f"batch size {batch_size} does not split evenly over {ranks.world} processes; "
+            f"give a multiple of {ranks.world}"
+        )
+    return torch.device("cuda", ranks.local_rank) if device.type == "cuda" else device
+
+
+def _data_parallel(run: _Run) -> torch.nn.Module:
+    """The module as the training steps call it: wrapped in DDP when several ranks train."""
+    if not distributed.current().enabled:
+        return run.module
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = run.device.type == "cuda"
+    # BatchNorm buffers follow rank 0's at every forward (DDP's default)
+    return DistributedDataParallel(run.module, device_ids=[run.device.index] if cuda else None)
 
 
 @dataclass
@@ -304,7 +319,10 @@ class _Run:
     autocast: torch.dtype | None  # autocast dtype, None for plain float32
     memory_format: torch.memory_format  # of the model and its input batches
     emit: Callable[[ProgressEvent], None]
-    start_loss: float | None = None  # mean loss of the run's first steps (divergence check)
+    loss_watch: LossWatch  # stops a diverging run
+    ranks: Ranks  # this process among those training together
+    forward: torch.nn.Module  # what a step calls: the module, or its DDP wrapper
+    synced_norms: list  # BatchNorms swapped for SyncBatchNorm (undone after training)
 
 
 def _create_run(
@@ -322,6 +340,7 @@ def _create_run(
         autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     memory_format = torch.channels_last if cuda and config.channels_last else torch.preserve_format
     module.to(device=device, memory_format=memory_format)
+    synced = distributed.use_sync_batchnorm(module, device) if config.sync_batchnorm else []
     objective.to(device=device, memory_format=memory_format)
     optimizer = torch.optim.SGD(
         module.parameters(),
@@ -332,8 +351,9 @@ def _create_run(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     return _Run(
-        module, optimizer, scaler, objective, hooks, config, device, autocast, memory_format, emit
-    )
+        module, optimizer, scaler, objective, hooks, config, device, autocast, memory_format,
+        emit, LossWatch(config.lr), distributed.current(), module, synced,
+    )  # fmt: skip
 
 
 def _run_epoch(run: _Run, train_set: Dataset, eval_set: Dataset | None, epoch: int) -> EpochRecord:
@@ -348,6 +368,7 @@ def _run_epoch(run: _Run, train_set: Dataset, eval_set: Dataset | None, epoch: i
         extra.update(plain(hook.epoch_end(epoch) or {}))
     config = run.config
     due = eval_set is not None and (epoch % config.eval_every == 0 or epoch == config.epochs)
+    due = due and run.ranks.is_main  # the other ranks wait for it at the end of _save
     if due:
         message = f"epoch {epoch}: validating on {len(eval_set)} images"
         run.emit(ProgressEvent("stage", epoch, message=message))
@@ -357,24 +378,29 @@ def _run_epoch(run: _Run, train_set: Dataset, eval_set: Dataset | None, epoch: i
 
 
 def _train_epoch(run: _Run, dataset: Dataset, epoch: int) -> tuple[float, float, float]:
-    """One shuffled pass over ``dataset``; returns (mean loss, accuracy, last lr)."""
-    config = run.config
+    """One shuffled pass over ``dataset`` (this rank's share); returns (loss, accuracy, lr).
+
+    The loss and accuracy are every rank's, summed at each progress report, so all ranks
+    see the same figures and the divergence check stops them at the same step.
+    """
+    config, ranks = run.config, run.ranks
     loader = create_loader(
         dataset,
-        config.batch_size,
+        config.batch_size // ranks.world,
         shuffle=True,
         seed=_loader_seed(config.seed, epoch),  # fixes the order and the workers' augmentation
         workers=config.workers,
         drop_last=len(dataset) > config.batch_size,  # no tiny last batch for BatchNorm
         pin_memory=run.device.type == "cuda",
         device=run.device,  # where a decoded data set's batches are augmented
+        shard=(ranks.rank, ranks.world),
     )
-    steps = len(loader)
-    run.module.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    correct = torch.zeros((), dtype=torch.int64, device=run.device)
-    seen, checked = 0, (0.0, 0)  # (loss sum, images) at the last divergence check
-    for step, (images, targets) in enumerate(loader, start=1):
+    steps = steps_per_epoch(len(dataset), config.batch_size)  # the same for every rank count
+    run.forward.train()
+    # (loss sum, correct, images) of this rank, on the device: read only at reports
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)
+    checked = torch.zeros(3, dtype=torch.float64)  # every rank's sums at the last report
+    for step, (images, targets) in enumerate(itertools.islice(loader, steps), start=1):
         done = (epoch - 1) * steps + step - 1  # steps before this one, over the whole run
         lr = learning_rate(config, done, steps)
         for group in run.optimizer.param_groups:
@@ -383,36 +409,19 @@ def _train_epoch(run: _Run, dataset: Dataset, epoch: int) -> tuple[float, float,
         logits, loss = _step(run, images, targets)
         for hook in run.hooks:
             hook.after_step(done + 1)
-        loss_sum += loss.detach().double() * len(targets)
-        correct += (logits.argmax(1) == targets).sum()
-        seen += len(targets)
+        sums[0] += loss.detach().double() * len(targets)
+        sums[1] += (logits.argmax(1) == targets).sum()
+        sums[2] += len(targets)
         if step % BATCH_EVENTS_EVERY == 0 or step == steps:
-            total = loss_sum.item()
-            _check_divergence(run, epoch, (total - checked[0]) / (seen - checked[1]))
-            checked = (total, seen)
-            accuracy = correct.item() / seen
-            run.emit(ProgressEvent("batch", epoch, step, steps, total / seen, accuracy, lr))
+            totals = distributed.sum_over_ranks(sums).cpu()
+            window = totals - checked
+            run.loss_watch.check(epoch, float(window[0] / window[2]))
+            checked = totals
+            loss_mean, accuracy = float(totals[0] / totals[2]), float(totals[1] / totals[2])
+            run.emit(ProgressEvent("batch", epoch, step, steps, loss_mean, accuracy, lr))
     if not all(bool(torch.isfinite(p).all()) for p in run.module.parameters()):
-        _check_divergence(run, epoch, math.inf)
-    return loss_sum.item() / seen, correct.item() / seen, lr
-
-
-def _check_divergence(run: _Run, epoch: int, window_loss: float) -> None:
-    """Stop when the loss of the last steps is not finite, or explodes against the first.
-
-    Raises:
-        TrainingDiverged: naming the epoch and what to change; the epoch is not saved.
-    """
-    if run.start_loss is None and math.isfinite(window_loss):
-        run.start_loss = window_loss
-    limit = EXPLODING_LOSS * max(run.start_loss or 1.0, 1.0)
-    if math.isfinite(window_loss) and window_loss <= limit:
-        return
-    what = "the weights are not finite" if window_loss == math.inf else f"loss {window_loss:.3g}"
-    raise TrainingDiverged(
-        f"training diverged in epoch {epoch} ({what}, against {run.start_loss or float('nan'):.3g} "
-        f"at the start); lower --lr (now {run.config.lr:g})"
-    )
+        run.loss_watch.check(epoch, math.inf)
+    return float(checked[0] / checked[2]), float(checked[1] / checked[2]), lr
 
 
 def _step(
@@ -421,7 +430,7 @@ def _step(
     """Forward, backward and one optimizer step; returns (logits, loss)."""
     images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
     with _autocast(run):
-        logits = run.module(images)
+        logits = run.forward(images)
         loss = run.objective(logits, images, targets)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -467,9 +476,17 @@ def _ignore(_event: ProgressEvent) -> None:
 
 def _start_note(run: _Run, done: int, train_set: Dataset) -> str:
     precision = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
+    ranks, batch = run.ranks, run.config.batch_size
+    where = f"{run.device} ({precision[run.autocast]})"
+    if ranks.enabled:
+        kind = "GPUs" if run.device.type == "cuda" else "CPU processes"
+        where = (
+            f"{ranks.world} {kind} ({ranks.backend}, {precision[run.autocast]}, "
+            f"{batch // ranks.world} images each per step)"
+        )
     return (
-        f"training epochs {done + 1}-{run.config.epochs} on {run.device} "
-        f"({precision[run.autocast]}), {len(train_set)} images, batch {run.config.batch_size}"
+        f"training epochs {done + 1}-{run.config.epochs} on {where}, {len(train_set)} images, "
+        f"batch {batch}"
     )
 
 
@@ -521,7 +538,10 @@ def _what_it_computes(config: dict) -> dict:
 
 
 def _save(run: _Run, path: Path, history: list[EpochRecord], settings: dict) -> None:
-    """Save the state after the last epoch of ``history``."""
+    """Save the state after the last epoch of ``history`` (rank 0; the others wait for it)."""
+    if not run.ranks.is_main:
+        distributed.barrier()
+        return
     state = {
         "epoch": history[-1].epoch,
         "model": run.module.state_dict(),
@@ -535,22 +555,7 @@ def _save(run: _Run, path: Path, history: list[EpochRecord], settings: dict) -> 
     }
     save_checkpoint(path, state)
     write_metrics(path.parent / METRICS, history)
-
-
-def write_metrics(path: Path, history: list[EpochRecord]) -> None:
-    """``metrics.csv``: one row per epoch so far (rewritten whole, atomically, every epoch)."""
-    extra_keys = sorted({k for r in history for k, v in r.extra.items() if _scalar(v)})
-    header = ["epoch", "train_loss", "train_accuracy", "val_accuracy", "lr", "seconds"]
-    rows = [",".join([*header, *extra_keys])]
-    for r in history:
-        cells = [r.epoch, r.train_loss, r.train_accuracy, r.eval_accuracy, r.lr, r.seconds]
-        cells += [r.extra.get(k) for k in extra_keys]
-        rows.append(",".join("" if c is None else f"{c}" for c in cells))
-    write_text(path, "\n".join(rows) + "\n")
-
-
-def _scalar(value: object) -> bool:
-    return isinstance(value, bool | int | float | str)
+    distributed.barrier()
 
 
 def _restore(run: _Run, checkpoint: dict, path: Path) -> tuple[list[EpochRecord], int]:
@@ -570,7 +575,7 @@ def _restore(run: _Run, checkpoint: dict, path: Path) -> tuple[list[EpochRecord]
         hook.load_state_dict(checkpoint["hooks"][hook.name])
     restore_rng_state(checkpoint["rng"])
     history = [EpochRecord(**record) for record in checkpoint["history"]]
-    run.start_loss = history[0].train_loss if history else None
+    run.loss_watch.start_loss = history[0].train_loss if history else None
     done = checkpoint["epoch"]
     message = (
         f"resuming after epoch {done} of {run.config.epochs} from {path}"
@@ -587,42 +592,3 @@ def _fresh_start(seed: int) -> tuple[list[EpochRecord], int]:
     np.random.seed(seed)
     random.seed(seed)
     return [], 0
-
-
-# --- interruption ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _sigterm_raises_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt while training (signals only reach the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _last_checkpoint(saved: int, path: Path) -> str:
-    if saved == 0:
-        return "no epoch was saved"
-    return f"the last good checkpoint (epoch {saved}) is in {path.parent}"
-
-
-def _interrupted(epoch: int, saved: int, path: Path) -> TrainingInterrupted:
-    if saved == 0:
-        with contextlib.suppress(OSError):  # leave no empty work folder behind
-            path.parent.rmdir()
-        return TrainingInterrupted(
-            f"interrupted in epoch {epoch}, before the first checkpoint; rerun to start over"
-        )
-    return TrainingInterrupted(
-        f"interrupted in epoch {epoch}; the last checkpoint (epoch {saved}) is in "
-        f"{path.parent}; rerun with --resume to continue"
-    )
