@@ -95,7 +95,8 @@ ARMS: dict[str, dict] = {
     "design-taylor-nokd": {**_design(criterion="taylor"), "distill": NO_KD},
 }
 BUDGETS = {  # name: (epochs, training images, lr)
-    "quickstart": (3, 5000, 0.02),
+    "quickstart": (3, 10000, 0.02),  # the README's quick start
+    "quickstart-5k": (3, 5000, 0.02),  # its earlier form, the budget of sfp_design_run1-5
     "b": (4, None, 0.01),
     "short": (2, 10000, 0.01),
 }

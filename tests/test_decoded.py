@@ -175,3 +175,28 @@ def test_loader_for_a_decoded_set_is_tensor_batches(cifar10_root: Path) -> None:
     batch = next(iter(create_loader(decoded, 10, shuffle=False, seed=0)))[0]
     expected = torch.stack([streamed[i][0] for i in range(10)])
     assert (batch - expected).abs().max() < 1e-5  # the same normalised pixels
+
+
+def test_training_epochs_decode_no_image(cifar10_root: Path, tmp_path: Path) -> None:
+    """Once opened, a decoded set trains its epochs without reading a file: with every image
+    file deleted after loading, two epochs of ``train`` still run on the same pixels."""
+    from sfp_onnx.training.train import TrainConfig, train
+
+    folder = tmp_path / "images"
+    for split, count in (("train", 24), ("test", 4)):
+        for name in ("cat", "dog"):
+            (folder / split / name).mkdir(parents=True)
+            for source in sorted((cifar10_root / split / name).iterdir())[:count]:
+                shutil.copy(source, folder / split / name / source.name)
+    data = load_datasets(DataConfig("imagefolder", str(folder), val_split=0), (32, 32))
+    assert data.decoded and isinstance(data.train, DecodedImages)
+    shutil.rmtree(folder)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )  # fmt: skip
+    config = TrainConfig(epochs=2, batch_size=8, device="cpu", workers=2)
+    result = train(module, data.train, data.test, config, workdir=tmp_path / "work")
+    assert [epoch.epoch for epoch in result.epochs] == [1, 2]
+    assert all(epoch.eval_accuracy is not None for epoch in result.epochs)

@@ -45,8 +45,10 @@ def _compress(model: Path, tmp: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _torchrun(processes: int, args: list[str], **popen) -> subprocess.Popen:
-    command = [*TORCHRUN, str(processes), *CLI, *args]
+def _torchrun(processes: int, args: list[str], script: bool = False, **popen) -> subprocess.Popen:
+    """torchrun with ``-m sfp_onnx.cli``, or (``script``) with the ``sfp-onnx`` console script."""
+    program = ["--no-python", str(Path(sys.executable).parent / "sfp-onnx")] if script else CLI
+    command = [*TORCHRUN, str(processes), *program, *args]
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, **popen
     )
@@ -82,7 +84,7 @@ def test_two_gloo_processes_agree_at_every_reselection_and_rank0_alone_writes(re
 
 def test_a_two_process_run_stopped_mid_way_resumes_with_one(resnet8, tmp_path):
     args = _compress(resnet8, tmp_path, "--epochs", "3", "--train-limit", "2000")
-    process = _torchrun(2, args, start_new_session=True)
+    process = _torchrun(2, args, script=True, start_new_session=True)
     checkpoint = tmp_path / "work" / "checkpoint.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists():

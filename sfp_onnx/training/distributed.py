@@ -106,7 +106,9 @@ def environment_rank() -> int:
 
 
 def join(device: str) -> Ranks:
-    """Open the process group torchrun's variables describe (idempotent); SINGLE without one.
+    """Open the process group torchrun's variables describe; the open one if there is one.
+
+    Without torchrun and without an open group: :data:`SINGLE`.
 
     Args:
         device: the training device setting (``auto``, ``cpu``, ``cuda``): CUDA trains with
@@ -115,10 +117,10 @@ def join(device: str) -> Ranks:
     Raises:
         UsageError: more processes on this machine than GPUs when training on CUDA.
     """
+    if dist.is_initialized():  # torchrun's, opened earlier, or the caller's own group
+        return current()
     if not launched():
         return SINGLE
-    if dist.is_initialized():
-        return current()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:

@@ -249,7 +249,7 @@ def train(
     started = time.perf_counter()
     if len(train_set) == 0:
         raise DataError("the training set has no images; check the data root")
-    ranks = distributed.current()
+    ranks = distributed.join(config.device)  # the group a caller opened, or torchrun's
     emit = (on_progress or _ignore) if ranks.is_main else _ignore
     settings = plain(settings or {})
     device = _rank_device(resolve_device(config.device), ranks, config.batch_size)
