@@ -42,7 +42,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _results import Run, default_out, md_table, write_results
 
-from sfp_onnx.data.datasets import DataConfig, create_loader, load_datasets
+from sfp_onnx.data.datasets import DataConfig, load_datasets
+from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.graph.analyze import analyze_model
 from sfp_onnx.graph.load import load_model
 from sfp_onnx.training.import_torch import import_model

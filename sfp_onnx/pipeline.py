@@ -26,13 +26,8 @@ import torch
 
 from sfp_onnx._io import write_json
 from sfp_onnx.api import Outputs, write_pruned
-from sfp_onnx.data.datasets import (
-    DataConfig,
-    Datasets,
-    check_num_classes,
-    create_loader,
-    load_datasets,
-)
+from sfp_onnx.data.datasets import DataConfig, Datasets, check_num_classes, load_datasets
+from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.errors import TrainingInterrupted, UnsupportedModelError, UsageError
 from sfp_onnx.graph.analyze import analyze_model
 from sfp_onnx.graph.groups import Analysis

@@ -16,11 +16,11 @@ from sfp_onnx.data.datasets import (
     DataConfig,
     balanced_subset,
     check_num_classes,
-    create_loader,
     create_transform,
     load_datasets,
 )
 from sfp_onnx.data.decoded import DecodedImages
+from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.errors import DataError, UsageError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

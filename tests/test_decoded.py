@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sfp_onnx.data.datasets import DataConfig, create_loader, create_transform, load_datasets
+from sfp_onnx.data.datasets import DataConfig, create_transform, load_datasets
 from sfp_onnx.data.decoded import (
     Augmentation,
     DecodedImages,
@@ -23,6 +23,7 @@ from sfp_onnx.data.decoded import (
     decode_images,
     decoded_cache_dir,
 )
+from sfp_onnx.data.loaders import create_loader
 
 MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 

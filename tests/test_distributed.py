@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sfp_onnx.data.datasets import create_loader
 from sfp_onnx.data.decoded import Augmentation, DecodedImages
+from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.training import distributed
 from sfp_onnx.training.distributed import RanksDisagree
 from tests.exports import cifar10_root

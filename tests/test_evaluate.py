@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from sfp_onnx.cli.main import main
 from torch import nn
 
-from sfp_onnx.data.datasets import DataConfig, create_loader, load_datasets
+from sfp_onnx.data.datasets import DataConfig, load_datasets
+from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.errors import DataError, UnsupportedModelError
 from sfp_onnx.runtime.evaluate import (
     Accuracy,

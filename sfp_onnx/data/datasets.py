@@ -1,8 +1,9 @@
-"""Data: image datasets, their transforms, class-balanced subsets and data loaders.
+"""Data: image datasets, their transforms and class-balanced subsets.
 
 This module owns the way from a dataset name (and an optional folder) to torch datasets that
 yield normalised ``(C, H, W)`` float tensors of the model's input size, plus the seeded,
-class-balanced subsets and deterministic loaders that training and evaluation read. CIFAR-10
+class-balanced subsets that training and evaluation read (through the loaders of
+:mod:`sfp_onnx.data.loaders`). CIFAR-10
 and CIFAR-100 come as an ImageFolder tree (``train/<class>/*.png``, ``test/...``), as
 torchvision's pickled batches, or by download; other datasets as an ImageFolder tree. Running
 models on the data is left to :mod:`sfp_onnx.runtime.evaluate` and the training stage.
@@ -14,15 +15,13 @@ import copy
 import math
 import os
 import random
-import signal
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
@@ -31,11 +30,10 @@ from sfp_onnx.data.decoded import (
     DECODE_LIMIT_BYTES,
     Augmentation,
     DecodedImages,
-    TensorBatches,
     decode_images,
 )
 from sfp_onnx.data.names import DATASETS
-from sfp_onnx.errors import DataError, UsageError
+from sfp_onnx.errors import DataError
 
 __all__ = [
     "DATASETS",
@@ -44,7 +42,6 @@ __all__ = [
     "Datasets",
     "balanced_subset",
     "check_num_classes",
-    "create_loader",
     "create_transform",
     "describe_augmentation",
     "load_datasets",
@@ -508,98 +505,3 @@ def check_num_classes(model_classes: int, data: Datasets) -> None:
             f"model has {model_classes} outputs but the dataset has {data.num_classes} "
             "classes; use a model trained for this dataset"
         )
-
-
-def create_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    workers: int | None = None,
-    *,
-    drop_last: bool = False,
-    pin_memory: bool = False,
-    device: torch.device | str | None = None,
-    shard: tuple[int, int] = (0, 1),
-) -> DataLoader | TensorBatches:
-    """A DataLoader whose order (and workers' augmentation) is fixed by ``seed``.
-
-    A decoded data set (:class:`~sfp_onnx.data.decoded.DecodedImages`) gets its tensor-op
-    batches instead, on ``device``, with the same seeding.
-
-    With ``workers=0`` augmentation runs in this process and draws from torch's global
-    random generator; seed that with :func:`torch.manual_seed` for repeatable crops.
-
-    Args:
-        dataset: the dataset to load.
-        batch_size: images per batch (>= 1).
-        shuffle: reshuffle every epoch.
-        seed: seed of the shuffling and of the workers' random generators.
-        workers: loader processes; ``None`` uses ``min(4, CPU count)``, 0 loads in-process.
-        drop_last: drop the last incomplete batch.
-        pin_memory: pin batches for faster copies to a GPU.
-        device: where a decoded set's batches are made (default: the CPU).
-        shard: (rank, world): this process reads every ``world``-th image of the shuffled
-            order, from ``rank`` on (as a DistributedSampler; the order is the same on every
-            rank, the augmentation draws differ).
-
-    Raises:
-        UsageError: ``batch_size`` < 1 or ``workers`` < 0.
-    """
-    if batch_size < 1:
-        raise UsageError(f"batch size {batch_size} is too small; give a value >= 1")
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
-    if workers < 0:
-        raise UsageError(f"workers is {workers}; give 0 (load in-process) or more")
-    rank, world = shard
-    if isinstance(dataset, DecodedImages):
-        return TensorBatches(
-            dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, device=device,
-            rank=rank, world=world,
-        )  # fmt: skip
-    sampler = None
-    if world > 1:
-        sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed)
-    return _StoppableLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        generator=torch.Generator().manual_seed(seed + 7919 * rank),
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        worker_init_fn=_leave_stop_signals_to_the_parent if workers else None,
-    )
-
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-class _StoppableLoader(DataLoader):
-    """A DataLoader whose workers leave Ctrl-C and SIGTERM to this process.
-
-    Sent to the whole process group (a terminal closing, ``timeout``, ``scancel``), the signals
-    would otherwise reach the workers too; a worker dying on one takes this process down with a
-    ``DataLoader worker ... is killed`` traceback. The signals are blocked while the workers are
-    forked (so a worker cannot receive one before it ignores them), and delivered here right
-    after: this process stops cleanly and shuts its workers down itself.
-    """
-
-    def __iter__(self):
-        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
-            return super().__iter__()
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            return super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-
-def _leave_stop_signals_to_the_parent(_worker_id: int) -> None:
-    """In a loader worker: ignore Ctrl-C and SIGTERM (see _StoppableLoader), then unblock them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)

@@ -137,7 +137,7 @@ class DecodedImages(Dataset):
 class TensorBatches:
     """Batches of a :class:`DecodedImages` set, gathered and augmented as tensor ops.
 
-    The DataLoader replacement :func:`sfp_onnx.data.datasets.create_loader` returns for a
+    The DataLoader replacement :func:`sfp_onnx.data.loaders.create_loader` returns for a
     decoded set; iterating yields ``(images, labels)`` on ``device``. With ``world`` > 1 each
     rank takes every ``world``-th image of the shuffled order (as a DistributedSampler).
     """

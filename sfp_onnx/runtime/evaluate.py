@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch.utils.data import Dataset
 
-from sfp_onnx.data.datasets import create_loader
+from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.errors import DataError, UnsupportedModelError, UsageError
 from sfp_onnx.graph.load import read_model_proto
 from sfp_onnx.runtime.session import create_session
@@ -225,7 +225,7 @@ def evaluate_onnx(
         batch_size: images loaded (and, for dynamic-batch models, run) at a time.
         provider: onnxruntime provider, see :func:`sfp_onnx.runtime.session.resolve_providers`.
         progress: called with ``(samples done, samples in all)`` after each batch.
-        workers: loader processes, see :func:`sfp_onnx.data.datasets.create_loader`.
+        workers: loader processes, see :func:`sfp_onnx.data.loaders.create_loader`.
         num_classes: the dataset's class count; the model must have as many outputs.
 
     Raises:

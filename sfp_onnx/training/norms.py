@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sfp_onnx.data.datasets import create_loader
+from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import ImportedModel
 

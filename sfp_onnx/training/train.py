@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sfp_onnx.data.datasets import create_loader
+from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.errors import DataError, TrainingDiverged, UsageError
 from sfp_onnx.runtime.evaluate import evaluate_torch
 from sfp_onnx.training import distributed
