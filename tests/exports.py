@@ -102,6 +102,28 @@ class ResidualNet(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class DepthwiseMultiplierNet(nn.Module):
+    """Stem, a depthwise conv with channel multiplier 2 (groups = C_in, C_out = 2·C_in), a
+    pointwise conv, BN + ReLU after each, GAP, a linear head: MobileNet-style channel growth."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+
+        def unit(cin: int, cout: int, kernel: int, groups: int = 1) -> list[nn.Module]:
+            conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups)
+            return [conv, nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.body = nn.Sequential(
+            *unit(3, width, 3), *unit(width, 2 * width, 3, groups=width),
+            *unit(2 * width, 12, 1),
+        )  # fmt: skip
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.body(x), 1)
+        return self.head(torch.flatten(x, 1))
+
+
 class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()

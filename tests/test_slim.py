@@ -16,7 +16,13 @@ from onnx import numpy_helper
 
 import sfp_onnx
 from sfp_onnx.runtime.session import create_session
-from tests.exports import ResidualNet, cifar_images, export, randomize_norms
+from tests.exports import (
+    DepthwiseMultiplierNet,
+    ResidualNet,
+    cifar_images,
+    export,
+    randomize_norms,
+)
 
 
 def _zero_bn(bn: torch.nn.BatchNorm2d, channels: list[int]) -> None:
@@ -132,3 +138,48 @@ def test_convtranspose_only_graphs_are_pruned_exactly(tmp_path, variant):
     kept = sorted((g.channels, g.kept) for g in report.groups if g.prunable)
     assert kept == [(16, 12), (24, 17)]
     assert report.macs_reduction > 0.4
+
+
+@pytest.mark.parametrize("variant", ["kept17", "fold13", "dynamo"])
+def test_a_depthwise_conv_with_a_multiplier_is_pruned_exactly(tmp_path, variant):
+    """groups = C_in, C_out = 2·C_in: removing input channel c removes its two outputs, and
+    ``group`` shrinks with the channels."""
+    torch.manual_seed(0)
+    net = randomize_norms(DepthwiseMultiplierNet(width=8))
+    path = export(net, tmp_path / "multiplier.onnx", variant, size=16)
+    report = sfp_onnx.prune(path, tmp_path / "slim.onnx", rate=0.3, round_to=None)
+    assert report.verification.exact
+    assert sorted((g.channels, g.kept) for g in report.groups if g.prunable) == [(8, 6), (12, 9)]
+    slim = onnx.load(str(tmp_path / "slim.onnx"))
+    inits = {t.name: numpy_helper.to_array(t).shape for t in slim.graph.initializer}
+    depthwise = [n for n in slim.graph.node if n.op_type == "Conv" and inits[n.input[1]][1] == 1]
+    assert len(depthwise) == 1
+    group = next(a.i for a in depthwise[0].attribute if a.name == "group")
+    assert (group, inits[depthwise[0].input[1]][0]) == (6, 12)  # 6 inputs, 2 outputs each
+    assert report.macs_reduction > 0.3
+
+
+class _FlattenNorm(torch.nn.Module):
+    """conv → BN → ReLU → Flatten → BatchNorm1d → Linear: a norm over the flattened features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(), torch.nn.Flatten(),
+        )  # fmt: skip
+        self.norm = torch.nn.BatchNorm1d(8 * 8 * 8)
+        self.head = torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.features(x)))
+
+
+@pytest.mark.parametrize("variant", ["kept17", "dynamo"])
+def test_a_norm_over_flattened_features_is_sliced_with_the_channels(tmp_path, variant):
+    """Each conv channel spans 64 features of the BatchNorm1d: they go with the channel."""
+    torch.manual_seed(0)
+    path = export(randomize_norms(_FlattenNorm()), tmp_path / "flat.onnx", variant, size=16)
+    report = sfp_onnx.prune(path, tmp_path / "slim.onnx", rate=0.3, round_to=None)
+    assert report.verification.exact
+    assert [(g.channels, g.kept) for g in report.groups if g.prunable] == [(8, 6)]

@@ -28,7 +28,13 @@ from sfp_onnx.training.objectives import Distillation, DistillConfig, distillati
 from sfp_onnx.training.sfp import SfpConfig
 from sfp_onnx.training.soft_masks import SoftMaskPruner, selection_steps
 from sfp_onnx.training.train import TrainConfig, train
-from tests.exports import ResidualNet, cifar_images, export, randomize_norms
+from tests.exports import (
+    DepthwiseMultiplierNet,
+    ResidualNet,
+    cifar_images,
+    export,
+    randomize_norms,
+)
 
 CONFIG = TrainConfig(epochs=2, batch_size=32, lr=0.05, workers=0, seed=0)
 SOFT = SfpConfig(rate=0.5, reselect_every=2, freeze=0.25, round_to=None)
@@ -103,6 +109,30 @@ def test_trained_masks_are_what_the_surgery_removes(
     removable = removable_channels(model, analysis)
     for group in pruner.groups:
         assert set(removable[group.id].tolist()) == last[group.id]
+    assert _slim_exact(model, analysis, removable)
+
+
+def test_masks_through_a_depthwise_multiplier_train_and_write_exactly(data, tmp_path) -> None:
+    """A channel masked before a depthwise conv with multiplier 2 gates both its outputs (the
+    pointwise conv reads blocks of 2); what the surgery removes is exactly the masks."""
+    torch.manual_seed(0)
+    net = randomize_norms(DepthwiseMultiplierNet(width=8))
+    model = load_model(export(net, tmp_path / "net.onnx", "kept17", 32))
+    analysis, imp = analyze_model(model), import_model(model)
+    pruner = SoftMaskPruner(imp, model, analysis, SOFT)
+    train(imp.module, data.train, None, CONFIG, workdir=tmp_path / "w", hooks=[pruner])
+    masks = {g.id: set(pruner.masks[g.id].tolist()) for g in pruner.groups}
+    assert sorted(len(m) for m in masks.values()) == [4, 6]  # half of 8 and of 12
+    imp.module.eval()
+    images = torch.from_numpy(cifar_images(count=16, size=32))
+    with torch.no_grad():
+        before = imp.module(images)
+        pruner.finish()
+        after = imp.module(images)
+    assert torch.equal(before, after)
+    write_back(imp, model)
+    removable = removable_channels(model, analysis)
+    assert {g: set(removable[g].tolist()) for g in masks} == masks
     assert _slim_exact(model, analysis, removable)
 
 

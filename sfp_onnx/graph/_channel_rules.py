@@ -71,13 +71,17 @@ def _conv(node: ir.Node, ctx: AnalysisContext) -> None:
             ctx.add_slices(layout, bias, 0, "bias", node)
         ctx.set_layout(out, layout)
         return
-    if x is not None and group == x.channels == w_shape[0] and w_shape[1] == 1:
-        # Depthwise: channel c in, channel c out; the channel count is the group count.
-        ctx.add_slices(x, weight, 0, "param", node)
+    depthwise = x is not None and group == x.channels and w_shape[1] == 1 and x.block == 1
+    if depthwise and w_shape[0] % group == 0:
+        # Depthwise with multiplier m = C_out / C_in (1: plain depthwise): output channels
+        # c*m .. c*m+m-1 are computed from input channel c alone, so they are channel c's
+        # block of m positions; the channel count is the group count.
+        layout = replace(x, block=w_shape[0] // group)
+        ctx.add_slices(layout, weight, 0, "param", node)
         if bias is not None:
-            ctx.add_slices(x, bias, 0, "bias", node)
+            ctx.add_slices(layout, bias, 0, "bias", node)
         ctx.add_count(x, node, attribute="group")
-        ctx.set_layout(out, x)
+        ctx.set_layout(out, layout)
         return
     reason = f"grouped convolution {node.name!r} (group={group})"
     ctx.block(x, reason)
@@ -158,7 +162,7 @@ def _norm_params(kinds: tuple[str, ...]) -> Rule:
         x = ctx.layout(node.inputs[0])
         if x is None:
             return
-        if x.axis != 1 or x.block != 1:
+        if x.axis != 1:
             ctx.block(x, f"{node.op_type} {node.name!r} normalises another axis")
             return
         producer = node.inputs[0].producer()

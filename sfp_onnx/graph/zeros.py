@@ -43,6 +43,11 @@ def _rows_zero(weight: np.ndarray, axis: int) -> Vector:
     return ~moved.reshape(moved.shape[0], -1).any(axis=1)
 
 
+def _by_channel(zero: np.ndarray, block: int) -> Vector:
+    """Positions -> channels: a channel is zero when all ``block`` positions it spans are."""
+    return zero if block == 1 else zero.reshape(-1, block).all(axis=1)
+
+
 def _per_channel(value: np.ndarray | None, layout: Layout, channels: int) -> Vector:
     """Which channels a constant (broadcast against ``layout``) is zero for.
 
@@ -56,6 +61,8 @@ def _per_channel(value: np.ndarray | None, layout: Layout, channels: int) -> Vec
     axis = value.ndim - from_right
     moved = np.moveaxis(value, axis, 0)
     zero = ~moved.reshape(moved.shape[0], -1).any(axis=1)
+    if layout.block > 1 and zero.size == channels * layout.block:
+        return _by_channel(zero, layout.block)
     return np.broadcast_to(zero, (channels,)).copy()
 
 
@@ -76,8 +83,11 @@ def _conv_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
     if group == 1:
         return _rows_zero(weight, 0) & bias
     x = ins[0]
-    if x is not None and group == len(x) and weight.shape[0] == group:
-        return (x | _rows_zero(weight, 0)) & bias
+    if x is not None and group == len(x) and weight.shape[0] % group == 0:
+        # depthwise, with multiplier m = out.block: output positions c*m .. c*m+m-1 read c
+        m = weight.shape[0] // group
+        positions = _bias(node, get, 2, weight.shape[0], out)
+        return _by_channel((np.repeat(x, m) | _rows_zero(weight, 0)) & positions, m)
     return _rows_zero(weight, 0) & bias
 
 
@@ -97,14 +107,14 @@ def _matmul_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
 
 def _batchnorm_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
     scale, shift, mean = (get(v) for v in node.inputs[1:4])
-    x = ins[0] if ins[0] is not None else np.zeros(out.channels, dtype=bool)
-    return ((scale == 0) | (x & (mean == 0))) & (shift == 0)
+    x = np.repeat(ins[0] if ins[0] is not None else np.zeros(out.channels, bool), out.block)
+    return _by_channel(((scale == 0) | (x & (mean == 0))) & (shift == 0), out.block)
 
 
 def _instancenorm_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
     scale, shift = (get(v) for v in node.inputs[1:3])
-    x = ins[0] if ins[0] is not None else np.zeros(out.channels, dtype=bool)
-    return ((scale == 0) | x) & (shift == 0)
+    x = np.repeat(ins[0] if ins[0] is not None else np.zeros(out.channels, bool), out.block)
+    return _by_channel(((scale == 0) | x) & (shift == 0), out.block)
 
 
 def _keep(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
