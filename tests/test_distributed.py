@@ -39,7 +39,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _compress(model: Path, tmp: Path, *extra: str) -> list[str]:
     return [
         "compress", str(model), "--rate", "0.3", "--data", "cifar10",
-        "--data-root", str(cifar10_root()), "--eval-limit", "256", "--val-split", "0.05",
+        "--data-root", str(cifar10_root()), "--eval-limit", "128", "--val-split", "0.05",
         "--batch-size", "64", "--no-bench", "--workdir", str(tmp / "work"),
         "--report", str(tmp / "out.json"), "-o", str(tmp / "out.onnx"), *extra,
     ]  # fmt: skip
@@ -58,7 +58,7 @@ def test_two_gloo_processes_agree_at_every_reselection_and_rank0_alone_writes(re
     """Taylor scores are measured per rank, so only the broadcast keeps the masks identical;
     every re-selection is followed by the cross-rank digest check of weights and masks."""
     args = _compress(
-        resnet8, tmp_path, "--epochs", "2", "--train-limit", "1024", "--criterion", "taylor",
+        resnet8, tmp_path, "--epochs", "2", "--train-limit", "640", "--criterion", "taylor",
         "--reselect-every", "2", "--freeze", "0.5",
     )  # fmt: skip
     process = _torchrun(2, args)
@@ -83,7 +83,7 @@ def test_two_gloo_processes_agree_at_every_reselection_and_rank0_alone_writes(re
 
 
 def test_a_two_process_run_stopped_mid_way_resumes_with_one(resnet8, tmp_path):
-    args = _compress(resnet8, tmp_path, "--epochs", "3", "--train-limit", "2000")
+    args = _compress(resnet8, tmp_path, "--epochs", "3", "--train-limit", "1280")
     process = _torchrun(2, args, script=True, start_new_session=True)
     checkpoint = tmp_path / "work" / "checkpoint.pt"
     deadline = time.monotonic() + 300
@@ -156,34 +156,33 @@ def _agreement_job(rank: int):
         weights_caught = True
     broadcast = distributed.broadcast_from_main({0: np.array([rank, 5])})
     total = distributed.sum_over_ranks(torch.tensor([1.0, float(rank)]))
-    return same, masks_caught, weights_caught, broadcast[0].tolist(), total.tolist()
+    return same, masks_caught, weights_caught, broadcast[0].tolist(), total.tolist(), _odd_batch()
 
 
-def test_the_agreement_check_catches_ranks_that_differ(tmp_path):
-    results = _run_ranks(tmp_path, _agreement_job)
-    for rank in (0, 1):
-        assert not isinstance(results[rank], Exception), results[rank]
-        same, masks_caught, weights_caught, broadcast, total = results[rank]
-        assert same and masks_caught and weights_caught
-        assert broadcast == [0, 5]  # rank 0's masks on every rank
-        assert total == [2.0, 1.0]
-
-
-def _batch_size_job(rank: int):
+def _odd_batch() -> str | None:
+    """``train`` with a batch of 3 over 2 ranks: the one-line usage error, or None."""
     from sfp_onnx.errors import UsageError
     from sfp_onnx.training.train import TrainConfig, train
 
     data = TensorDataset(torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.int64))
+    config = TrainConfig(epochs=1, batch_size=3, device="cpu")
     try:
-        train(_module(0), data, None, TrainConfig(epochs=1, batch_size=3), workdir=f"/tmp/{rank}")
+        train(_module(0), data, None, config, workdir=f"/tmp/sfp-odd-batch-{os.getpid()}")
     except UsageError as exc:
         return str(exc)
     return None
 
 
-def test_a_batch_that_does_not_split_over_the_ranks_is_a_usage_error(tmp_path):
-    results = _run_ranks(tmp_path, _batch_size_job)
-    assert all("does not split evenly over 2 processes" in str(r) for r in results.values())
+def test_the_agreement_check_catches_ranks_that_differ(tmp_path):
+    """Also: a batch that does not split over the ranks is a usage error on every rank."""
+    results = _run_ranks(tmp_path, _agreement_job)
+    for rank in (0, 1):
+        assert not isinstance(results[rank], Exception), results[rank]
+        same, masks_caught, weights_caught, broadcast, total, odd = results[rank]
+        assert same and masks_caught and weights_caught
+        assert broadcast == [0, 5]  # rank 0's masks on every rank
+        assert total == [2.0, 1.0]
+        assert "does not split evenly over 2 processes" in str(odd)
 
 
 def test_not_launched_by_torchrun_is_a_single_process(monkeypatch):
