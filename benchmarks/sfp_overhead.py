@@ -33,12 +33,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _results import Run, default_out, md_table, write_results
 from torch.utils.data import Subset
+from train_throughput import bare_epoch
 
 from sfp_onnx.data.datasets import DataConfig, load_datasets
-from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.graph.analyze import analyze_model
 from sfp_onnx.graph.load import load_model
 from sfp_onnx.training.hooks import TrainingHook
@@ -73,28 +72,6 @@ def parse_args() -> argparse.Namespace:
         args.depth, args.images, args.batch_size, args.repeats = 20, 256, 64, 1
     args.out = args.out or default_out(args.quick)
     return args
-
-
-def plain_epoch(module: torch.nn.Module, dataset, config: TrainConfig) -> float:
-    """One epoch of a bare torch loop with the optimizer settings of ``config``; seconds."""
-    started = time.perf_counter()
-    loader = create_loader(
-        dataset, config.batch_size, shuffle=True, seed=config.seed + 1, workers=0, drop_last=True
-    )
-    optimizer = torch.optim.SGD(
-        module.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-    module.train()
-    for images, targets in loader:
-        loss = F.cross_entropy(module(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return time.perf_counter() - started
 
 
 class Timed(TrainingHook):
@@ -163,7 +140,7 @@ def main() -> None:
         analysis = analyze_model(model)
         imported, teacher = import_model(model), import_model(load_model(path)).module
         start = {k: v.clone() for k, v in imported.module.state_dict().items()}
-        plain_epoch(imported.module, Subset(dataset, range(config.batch_size)), config)  # warm-up
+        bare_epoch(imported.module, Subset(dataset, range(config.batch_size)), config, 1)  # warm-up
         for repeat in range(args.repeats):
             print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
             order = list(times) if repeat % 2 == 0 else list(times)[::-1]
@@ -171,7 +148,9 @@ def main() -> None:
                 imported.module.load_state_dict(start)
                 torch.manual_seed(repeat)
                 if kind == "plain":
-                    times[kind].append(plain_epoch(imported.module, dataset, config))
+                    times[kind].append(
+                        bare_epoch(imported.module, dataset, config, config.seed + 1)
+                    )
                     continue
                 workdir = Path(tmp) / f"{kind}{repeat}".replace(" ", "_")
                 record = pruning_epoch(
