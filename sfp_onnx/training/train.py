@@ -255,7 +255,7 @@ def train(
     device = _rank_device(resolve_device(config.device), ranks, config.batch_size)
     path = checkpoint_path(workdir)
     checkpoint = _open_checkpoint(path, resume, config, settings, emit)
-    run = _create_run(module, config, device, emit, objective or CrossEntropy(), hooks)
+    run = _create_run(module, config, device, ranks, emit, objective or CrossEntropy(), hooks)
     history, done = _restore(run, checkpoint, path) if checkpoint else _fresh_start(config.seed)
     run.forward = _data_parallel(run)  # after the restore: DDP starts from rank 0's state
     for hook in hooks:
@@ -296,7 +296,7 @@ def _rank_device(device: torch.device, ranks: Ranks, batch_size: int) -> torch.d
 
 def _data_parallel(run: _Run) -> torch.nn.Module:
     """The module as the training steps call it: wrapped in DDP when several ranks train."""
-    if not distributed.current().enabled:
+    if not run.ranks.enabled:
         return run.module
     from torch.nn.parallel import DistributedDataParallel
 
@@ -329,6 +329,7 @@ def _create_run(
     module: torch.nn.Module,
     config: TrainConfig,
     device: torch.device,
+    ranks: Ranks,
     emit: Callable[[ProgressEvent], None],
     objective: torch.nn.Module,
     hooks: Sequence[TrainingHook],
@@ -352,7 +353,7 @@ def _create_run(
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     return _Run(
         module, optimizer, scaler, objective, hooks, config, device, autocast, memory_format,
-        emit, LossWatch(config.lr), distributed.current(), module, synced,
+        emit, LossWatch(config.lr), ranks, module, synced,
     )  # fmt: skip
 
 
