@@ -49,6 +49,7 @@ from tests.fuzz_models import (  # noqa: E402
     ConcatSpec,
     ConvSpec,
     DepthwiseSpec,
+    GroupedSpec,
     PoolSpec,
     ResidualSpec,
     SESpec,
@@ -86,6 +87,7 @@ def block_names(case) -> list[str]:
         SESpec: lambda b: b.gate,
         PoolSpec: lambda b: b.kind,
         DepthwiseSpec: lambda b: f"stride {b.stride}",
+        GroupedSpec: lambda b: f"{b.groups} groups, stride {b.stride}",
     }
     names = [f"{BLOCK_KINDS[type(b)]} ({detail[type(b)](b)})" for b in case.spec.blocks]
     head = case.spec.head

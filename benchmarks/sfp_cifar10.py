@@ -40,6 +40,7 @@ from benchmarks._models import fold_zoo_export  # noqa: E402
 from benchmarks._results import Run, default_out, md_table, write_results  # noqa: E402
 from sfp_onnx import api  # noqa: E402
 from sfp_onnx.data.datasets import DataConfig, load_datasets  # noqa: E402
+from sfp_onnx.errors import TrainingDiverged  # noqa: E402
 from sfp_onnx.graph.measure import measure_model  # noqa: E402
 from sfp_onnx.pipeline import CompressOptions, compress  # noqa: E402
 from sfp_onnx.runtime.bench import BenchConfig, benchmark  # noqa: E402
@@ -209,7 +210,12 @@ def run_arms(args, work: Path) -> list[dict]:
     for round_to in args.round_to:
         for rate in args.rates:
             for name in [a for a in args.arms if a != "unpruned"]:
-                record = run_arm(name, rate, round_to, args, work)
+                start = time.perf_counter()
+                try:
+                    record = run_arm(name, rate, round_to, args, work)
+                except TrainingDiverged as exc:  # a measured outcome (e.g. a folded graph)
+                    seconds = round(time.perf_counter() - start, 1)
+                    record = {"file": None, "seconds": seconds, "diverged": str(exc)}
                 arms.append({"arm": name, "rate": rate, "round_to": round_to, **record})
                 print(f"{name} rate {rate} round-to {round_to}: {record['seconds']} s", flush=True)
     return arms
@@ -222,11 +228,14 @@ def measure(arms: list[dict], args) -> None:
     ).test  # fmt: skip
     latency = {}
     if not args.no_bench:
-        files = list(dict.fromkeys(arm["file"] for arm in arms))
+        files = list(dict.fromkeys(arm["file"] for arm in arms if arm["file"]))
         config = BenchConfig(batch_sizes=(1, 32), warmup=5, runs=30 if args.quick else 100)
         for result in benchmark(files, config).results:
             latency.setdefault(result.model, {})[result.batch_size] = result.latency_ms["p50"]
     for arm in arms:
+        if not arm["file"]:  # diverged: no model was written
+            arm.update(macs=None, params=None, top1=None, samples=None, latency_ms={})
+            continue
         stats = measure_model(arm["file"])
         accuracy = evaluate_onnx(arm["file"], test, num_classes=10)
         arm.update(
@@ -239,6 +248,10 @@ def render(arms: list[dict], args) -> str:
     base = arms[0]
     rows = []
     for arm in arms:
+        if arm["top1"] is None:
+            rows.append([arm["arm"], f"{arm['rate']:.1f}", _round_to(arm), "diverged", "-", "-",
+                         "-", "-", "-", "-", "-", f"{arm.get('seconds', 0):.0f}"])  # fmt: skip
+            continue
         lat = arm["latency_ms"]
         speed = f"{base['latency_ms'][32] / lat[32]:.2f}x" if lat else "-"
         rows.append([
@@ -281,7 +294,7 @@ def plot(arms: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[tuple, list] = {}
     for arm in arms[1:]:
-        if arm["arm"] != "unpruned":
+        if arm["arm"] != "unpruned" and arm["top1"] is not None:
             lines.setdefault((arm["arm"], arm["round_to"]), []).append(arm)
     for (name, round_to), points in sorted(lines.items(), key=lambda kv: str(kv[0])):
         points.sort(key=lambda a: a["macs"], reverse=True)
@@ -315,8 +328,10 @@ def merged_arms(paths: list[str], model: str) -> list[dict]:
         for arm in data["arms"]:
             if arm["arm"] == "original":
                 continue
-            file = Path(arm["file"])
-            arms.append({**arm, "file": str(file if file.is_absolute() else keep / file)})
+            file = Path(arm["file"]) if arm["file"] else None
+            if file is not None and not file.is_absolute():
+                file = keep / file
+            arms.append({**arm, "file": str(file) if file else None})
     return arms
 
 
@@ -338,7 +353,7 @@ def main() -> None:
             arms = run_arms(args, work)
         measure(arms, args)
         for arm in arms:
-            arm["file"] = Path(arm["file"]).name
+            arm["file"] = Path(arm["file"]).name if arm["file"] else None
     body = render(arms, args)
     notes = [
         "Published SFP numbers (FPGM paper tables) for ResNet-20 trained from scratch for 200 "

@@ -8,6 +8,7 @@ from sfp_onnx.cli._options import round_to_option
 from sfp_onnx.cli._render import console, human, render_report, status
 
 import sfp_onnx
+from sfp_onnx.graph.groups import width_label
 
 __all__ = ["analyze", "prune", "slim"]
 
@@ -107,7 +108,9 @@ def _group_table(result) -> Table:
 def _summary_lines(result) -> list[str]:
     share = result.prunable_macs / result.stats.macs if result.stats.macs else 0.0
     rounding = f"round-to {result.round_to}" if result.round_to else "no rounding"
-    plan = ", ".join(f"{c}->{k} ({1 - k / c:.0%})" for c, k in result.width_plan().items())
+    plan = ", ".join(
+        f"{width_label(c, p)}->{k} ({1 - k / c:.0%})" for (c, p), k in result.width_plan().items()
+    )
     lines = [
         f"total: {human(result.stats.macs)} MACs, {human(result.stats.params)} parameters; "
         f"{sum(g.prunable for g in result.groups)} of {len(result.groups)} groups prunable",

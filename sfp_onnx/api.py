@@ -54,7 +54,7 @@ def analyze(
     analysis = analyze_model(ir_model)
     proto = ir.serde.serialize_model(ir_model)
     layers = count_layer_costs(proto)
-    cut = {g.id: prune_count(g.channels, rate, multiple) for g in analysis.prunable_groups}
+    cut = {g.id: prune_count(g.channels, rate, multiple, g.parts) for g in analysis.prunable_groups}
     status, shrinking = layer_statuses(analysis, cut, multiple)
     return AnalysisReport(
         input=str(model),

@@ -11,11 +11,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sfp_onnx.graph.groups import ChannelGroup
+from sfp_onnx.graph.groups import ChannelGroup, width_label
 from sfp_onnx.graph.measure import LayerCost, ModelStats
 from sfp_onnx.runtime.verify import Verification
 
-__all__ = ["AnalysisReport", "GroupSummary", "Report", "summarize_group"]
+__all__ = [
+    "AnalysisReport",
+    "GroupSummary",
+    "Report",
+    "summarize_group",
+    "width_label",  # re-exported from sfp_onnx.graph.groups
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class GroupSummary:
     layers: tuple[str, ...]
     prunable: bool
     blocked: str | None
+    parts: int = 1
 
     @property
     def realised_rate(self) -> float:
@@ -48,6 +55,7 @@ def summarize_group(group: ChannelGroup, removed: int = 0) -> GroupSummary:
         layers=group.layers,
         prunable=group.prunable,
         blocked=group.blocked,
+        parts=group.parts,
     )
 
 
@@ -127,10 +135,13 @@ class AnalysisReport:
         """MACs of the layers whose input or output channels shrink at ``rate``."""
         return sum(layer.macs for layer in self.layers if layer.name in self.shrinking_layers)
 
-    def width_plan(self) -> dict[int, int]:
-        """Width of a prunable group -> channels it keeps at ``rate`` (requested vs realised)."""
-        return {g.channels: g.kept for g in sorted(self.groups, key=lambda g: g.channels)
-                if g.prunable}  # fmt: skip
+    def width_plan(self) -> dict[tuple[int, int], int]:
+        """(width, parts) of a prunable group -> channels it keeps at ``rate``.
+
+        ``parts`` > 1 for the channels of grouped convolutions (see :func:`width_label`).
+        """
+        shapes = sorted(self.groups, key=lambda g: (g.channels, g.parts))
+        return {(g.channels, g.parts): g.kept for g in shapes if g.prunable}
 
     def to_json(self) -> dict[str, Any]:
         """JSON form of the analysis."""
@@ -144,7 +155,7 @@ class AnalysisReport:
             "prunable_macs": self.prunable_macs,
             "prunable_macs_share": self.prunable_macs / self.stats.macs if self.stats.macs else 0.0,
             "uncounted_ops": self.uncounted,
-            "width_plan": {str(c): k for c, k in self.width_plan().items()},
+            "width_plan": {width_label(*shape): k for shape, k in self.width_plan().items()},
             "groups": [g.to_json() for g in self.groups],
             "layers": [self._layer_json(layer) for layer in self.layers],
         }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sfp_onnx._version import __version__
 from sfp_onnx.data.datasets import DataConfig, Datasets
-from sfp_onnx.graph.groups import Analysis
+from sfp_onnx.graph.groups import Analysis, width_label
 from sfp_onnx.graph.soft_prune import prune_count
 
 __all__ = ["describe_data", "describe_pruning", "rate_plan", "run_settings"]
@@ -84,16 +84,21 @@ def describe_data(data: DataConfig, datasets: Datasets) -> str:
     )
 
 
-def rate_plan(sfp, analysis: Analysis) -> dict[int, int]:
-    """Group width -> channels kept at the target rate (after rounding), for trainable groups."""
-    widths = sorted({g.channels for g in analysis.groups if g.prunable and g.filters})
-    return {c: c - prune_count(c, sfp.rate, sfp.round_to) for c in widths}
+def rate_plan(sfp, analysis: Analysis) -> dict[tuple[int, int], int]:
+    """(group width, parts) -> channels kept at the target rate (after rounding).
+
+    For trainable groups; parts > 1 for the channels of grouped convolutions, which lose the
+    same count in each convolution group.
+    """
+    shapes = sorted({(g.channels, g.parts) for g in analysis.groups if g.prunable and g.filters})
+    return {(c, p): c - prune_count(c, sfp.rate, sfp.round_to, p) for c, p in shapes}
 
 
 def describe_pruning(sfp, analysis: Analysis) -> str:
     """One line: the method and, per group width, the rate asked for and the one realised."""
     plan = rate_plan(sfp, analysis)
-    widths = ", ".join(f"{c}->{k} ({1 - k / c:.0%})" for c, k in plan.items()) or "none"
+    widths = ", ".join(f"{width_label(c, p)}->{k} ({1 - k / c:.0%})" for (c, p), k in plan.items())
+    widths = widths or "none"
     rounding = f"multiples of {sfp.round_to}" if sfp.round_to else "no rounding"
     if sfp.method == "sfp-paper":
         how = "the paper's epoch-end zeroing of filter rows"

@@ -124,6 +124,31 @@ class DepthwiseMultiplierNet(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
+class GroupedNet(nn.Module):
+    """ResNeXt-style: a bottleneck whose 3x3 conv has 4 groups (1x1 convs around it, a
+    residual join), then a grouped conv of 2 groups that widens 16 → 24, GAP, a linear head."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+
+        def unit(cin: int, cout: int, kernel: int, groups: int = 1) -> nn.Sequential:
+            conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False)
+            return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.stem = unit(3, width, 3)
+        self.reduce = unit(width, width, 1)
+        self.grouped = unit(width, width, 3, groups=4)
+        self.expand = nn.Sequential(nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.widen = unit(width, width * 3 // 2, 3, groups=2)
+        self.head = nn.Linear(width * 3 // 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.expand(self.grouped(self.reduce(x))))
+        x = nn.functional.adaptive_avg_pool2d(self.widen(x), 1)
+        return self.head(torch.flatten(x, 1))
+
+
 class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()

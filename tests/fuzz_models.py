@@ -10,7 +10,8 @@ Conv/Gemm of the exactly slimmed model must have.
 
 Blocks: conv (+BN or bias) + activation; residual with identity or projection shortcut;
 concat of two branches (or of the input and a branch, DenseNet-style), maybe followed by a
-BN over both; depthwise separable; squeeze-and-excitation (GAP → 1x1 conv → ReLU → 1x1 conv
+BN over both; depthwise separable; a 1x1 conv then a grouped 3x3 conv (2 or 4 groups, ResNeXt
+style); squeeze-and-excitation (GAP → 1x1 conv → ReLU → 1x1 conv
 → Sigmoid/HardSigmoid → Mul); max/avg pool; head: GAP or Flatten of a small map → one or
 two Linear layers. Activations: ReLU, ReLU6 (Clip), SiLU, HardSwish, LeakyReLU.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "DepthwiseSpec",
     "FuzzCase",
     "FuzzNet",
+    "GroupedSpec",
     "HeadSpec",
     "NetSpec",
     "PoolSpec",
@@ -108,6 +110,20 @@ class DepthwiseSpec:
 
 
 @dataclass(frozen=True)
+class GroupedSpec:
+    """1x1 conv → BN → act → grouped 3x3 conv of ``groups`` groups (stride) → BN → act.
+
+    ``mid`` and ``out`` are channels per convolution group (ResNeXt's bottleneck middle).
+    """
+
+    mid: int
+    out: int
+    groups: int
+    stride: int
+    act: str
+
+
+@dataclass(frozen=True)
 class SESpec:
     """x · gate(conv1x1(ReLU(conv1x1(GAP(x))))) with a Sigmoid or HardSigmoid gate."""
 
@@ -132,7 +148,7 @@ class HeadSpec:
     classes: int
 
 
-BlockSpec = ConvSpec | ResidualSpec | ConcatSpec | DepthwiseSpec | SESpec | PoolSpec
+BlockSpec = ConvSpec | ResidualSpec | ConcatSpec | DepthwiseSpec | GroupedSpec | SESpec | PoolSpec
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,7 @@ BLOCK_KINDS = {
     ResidualSpec: "residual",
     ConcatSpec: "concat",
     DepthwiseSpec: "depthwise",
+    GroupedSpec: "grouped",
     SESpec: "se",
     PoolSpec: "pool",
 }
@@ -183,12 +200,13 @@ def _block(draw, channels: int, spatial: int, plain: bool | None) -> tuple[Block
     shortcuts over the graph input or a concatenation are blocked, so they are drawn less.
     """
     pool = spatial >= 2 and plain is not None  # the net starts with a layer that has weights
-    kinds = ["conv", "residual", "concat", "depthwise", "se"] + (["pool"] if pool else [])
+    kinds = ["conv", "residual", "concat", "depthwise", "grouped", "se"]
+    kinds += ["pool"] if pool else []
     kinds += ["residual"] if plain else []  # stacked residual blocks share one stream
     kind = draw(st.sampled_from(kinds))
     shortcuts = st.booleans() if plain else st.sampled_from((True, True, True, False))
     projection = kind == "residual" and draw(shortcuts)  # else an identity shortcut
-    strided = spatial >= 2 and (kind in ("conv", "depthwise") or projection)
+    strided = spatial >= 2 and (kind in ("conv", "depthwise", "grouped") or projection)
     stride = draw(st.sampled_from((1, 2))) if strided else 1
     after = (spatial + 1) // 2 if stride == 2 else spatial
     if kind == "conv":
@@ -205,6 +223,11 @@ def _block(draw, channels: int, spatial: int, plain: bool | None) -> tuple[Block
     if kind == "depthwise":
         spec = DepthwiseSpec(draw(_widths), stride, draw(_acts))
         return spec, spec.out, after
+    if kind == "grouped":
+        groups = draw(st.sampled_from((2, 4)))
+        per_group = st.integers(2, MAX_WIDTH // groups)  # 1 would be depthwise
+        spec = GroupedSpec(draw(per_group), draw(per_group), groups, stride, draw(_acts))
+        return spec, spec.out * groups, after
     if kind == "se":
         gate = draw(st.sampled_from(("sigmoid", "hardsigmoid")))
         return SESpec(draw(st.integers(1, 8)), gate), channels, spatial
@@ -219,7 +242,7 @@ def net_specs(draw, sizes: Sequence[int] = (8, 16), max_blocks: int = 5) -> NetS
     for _ in range(draw(st.integers(min(2, max_blocks), max_blocks))):
         spec, channels, spatial = draw(_block(channels, spatial, plain))
         blocks.append(spec)
-        if isinstance(spec, ConvSpec | DepthwiseSpec | ConcatSpec) or (
+        if isinstance(spec, ConvSpec | DepthwiseSpec | GroupedSpec | ConcatSpec) or (
             isinstance(spec, ResidualSpec) and spec.projection
         ):
             plain = not isinstance(spec, ConcatSpec)
@@ -246,9 +269,9 @@ class ConvUnit(nn.Module):
     """conv → [BN] → [act]; a producer of channels (or, depthwise, of its input's)."""
 
     def __init__(self, cin: int, cout: int, k: int, stride: int, act: str | None, norm: str,
-                 depthwise: bool = False) -> None:  # fmt: skip
+                 depthwise: bool = False, groups: int = 1) -> None:  # fmt: skip
         super().__init__()
-        groups = cin if depthwise else 1
+        groups = cin if depthwise else groups
         self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=norm == "bias")
         self.norm = nn.BatchNorm2d(cout) if norm == "bn" else None
         self.act = ACTIVATIONS[act]() if act else None
@@ -262,13 +285,21 @@ class ConvUnit(nn.Module):
         """Record the conv (a reader and a producer, or depthwise a pass-through)."""
         w, b = self.conv.weight, self.conv.bias
         zero = rows_zero(w) & bias_zero(b, w.shape[0])
-        if self.conv.groups == 1 or x is None:
+        groups = self.conv.groups
+        if groups == 1 or x is None:
             if x is not None:
                 o.reads.append(x)
-            # a grouped conv over an untracked input blocks its own channels in sfp-onnx
-            space = o.new(w.shape[0], blocked=self.conv.groups != 1)
+            # a depthwise conv over an untracked input blocks its own channels in sfp-onnx
+            space = o.new(w.shape[0], blocked=groups != 1 and w.shape[1] == 1)
             out = Flow(((space, w.shape[0]),), zero)
             o.layers.append(("Conv", x, space, tuple(w.shape)))
+        elif w.shape[1] > 1:  # grouped: each group of the input and output loses equally
+            o.reads.append(x)
+            o.split_into_parts(x, w.shape[1])
+            space = o.new(w.shape[0])
+            o.split_into_parts(Flow(((space, w.shape[0]),), zero), w.shape[0] // groups)
+            out = Flow(((space, w.shape[0]),), zero)
+            o.layers.append(("Conv", x, space, tuple(w.shape), groups))
         else:
             out = Flow(x.segments, (x.zero | rows_zero(w)) & bias_zero(b, w.shape[0]))
             o.layers.append(("Conv", x, None, tuple(w.shape)))
@@ -363,6 +394,22 @@ class Depthwise(nn.Module):
         return self.pw.track(o, self.dw.track(o, x))
 
 
+class Grouped(nn.Module):
+    """:class:`GroupedSpec`: a 1x1 conv, then a grouped 3x3 conv reading it group by group."""
+
+    def __init__(self, cin: int, spec: GroupedSpec) -> None:
+        super().__init__()
+        mid, out = spec.mid * spec.groups, spec.out * spec.groups
+        self.reduce = ConvUnit(cin, mid, 1, 1, spec.act, "bn")
+        self.grouped = ConvUnit(mid, out, 3, spec.stride, spec.act, "bn", groups=spec.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grouped(self.reduce(x))
+
+    def track(self, o: Oracle, x: Flow | None) -> Flow:
+        return self.grouped.track(o, self.reduce.track(o, x))
+
+
 class SqueezeExcite(nn.Module):
     """:class:`SESpec`: the gate's Mul joins the expand conv's channels to the input's."""
 
@@ -436,6 +483,7 @@ _BLOCKS: dict[type, type[nn.Module]] = {
     ResidualSpec: Residual,
     ConcatSpec: Concat,
     DepthwiseSpec: Depthwise,
+    GroupedSpec: Grouped,
     SESpec: SqueezeExcite,
     PoolSpec: Pool,
 }

@@ -16,6 +16,7 @@ does the same.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -64,8 +65,9 @@ class Oracle:
     size: list[int] = field(default_factory=list)
     blocked: set[int] = field(default_factory=set)
     reads: list[Flow] = field(default_factory=list)
-    # (op, input flow or None, output space or None (depthwise), weight shape)
-    layers: list[tuple[str, Flow | None, int | None, tuple[int, ...]]] = field(default_factory=list)
+    # (op, input flow or None, output space or None (depthwise), weight shape[, conv groups])
+    layers: list[tuple] = field(default_factory=list)
+    parts: dict[int, int] = field(default_factory=dict)  # space -> equal parts (grouped convs)
     producers: list[tuple[tuple[tuple[int, int], ...], nn.Module]] = field(default_factory=list)
 
     def new(self, size: int, blocked: bool = False) -> int:
@@ -100,6 +102,25 @@ class Oracle:
                 self.parent[max(ra, rb)] = min(ra, rb)
         return Flow(flows[0].segments, zero)
 
+    def split_into_parts(self, flow: Flow | None, part_size: int) -> None:
+        """A grouped conv reads or makes ``flow`` in runs of ``part_size``: each run loses the
+        same count. A run straddling two concatenated segments blocks them (as sfp-onnx)."""
+        if flow is None:
+            return
+        start = 0
+        for _, length in flow.segments:
+            if start % part_size or length % part_size:
+                self.block(flow)
+                return
+            start += length
+        for space, length in flow.segments:
+            self.parts[space] = math.lcm(self.parts.get(space, 1), length // part_size)
+
+    def group_parts(self, root: int) -> int:
+        """The equal parts of ``root``'s group: the lcm over its spaces."""
+        members = [s for s in range(len(self.size)) if self.find(s) == root]
+        return math.lcm(*(self.parts.get(s, 1) for s in members))
+
     def roots(self) -> list[int]:
         """One space per group."""
         return sorted({self.find(s) for s in range(len(self.size))})
@@ -118,9 +139,19 @@ class Oracle:
                 used[self.find(space)] |= ~flow.zero[start : start + length]
                 start += length
         return {
-            root: self.size[root] if self.group_blocked(root) else max(1, int(mask.sum()))
+            root: self.size[root]
+            if self.group_blocked(root)
+            else _kept(mask, self.group_parts(root))
             for root, mask in used.items()
         }
+
+
+def _kept(used: np.ndarray, parts: int) -> int:
+    """Channels kept when each of ``parts`` equal runs loses as many unused ones as the run
+    with the fewest, and keeps at least one."""
+    runs = (~used).reshape(parts, -1)
+    removable = min(int(runs.sum(axis=1).min()), runs.shape[1] - 1)
+    return used.size - parts * removable
 
 
 def rows_zero(weight: torch.Tensor) -> np.ndarray:
@@ -156,9 +187,12 @@ def expected_layers(net: FuzzNet, kept: Mapping[int, int] | None = None) -> list
         return sum(kept[oracle.find(s)] for s, _ in flow.segments) * flow.block
 
     shapes = []
-    for op, x, space, shape in oracle.layers:
+    for op, x, space, shape, *groups in oracle.layers:
         if space is None:  # depthwise: its channels are its input's
             after = (width(x, shape[0]), 1, *shape[2:])
+        elif groups:  # grouped: weight dim 1 holds one convolution group's inputs
+            inputs = width(x, shape[1] * groups[0]) // groups[0]
+            after = (kept[oracle.find(space)], inputs, *shape[2:])
         else:
             after = (kept[oracle.find(space)], width(x, shape[1]), *shape[2:])
         shapes.append(LayerShape(op, shape, after))

@@ -219,3 +219,22 @@ def test_round_to_auto_is_resolved_and_recorded(resnet8, tmp_path):
     multiple = resolve_round_to("auto", "cpu")
     assert report.settings["pruning"]["round_to"] == multiple
     assert all(g.kept % multiple == 0 for g in report.groups if g.kept < g.channels)
+
+
+def test_compress_a_resnext_style_net_keeps_every_conv_group_equal(tmp_path):
+    """Grouped 3x3 convs (groups 4 and 2) in a residual bottleneck: soft masks pick the same
+    count in every convolution group, the written file keeps ``group`` and is exact."""
+    from tests.exports import GroupedNet, export, randomize_norms
+
+    torch.manual_seed(0)
+    source = export(randomize_norms(GroupedNet(width=16)), tmp_path / "grouped.onnx", size=32)
+    report = sfp_onnx.compress(
+        source, tmp_path / "slim.onnx", sfp=SfpConfig(rate=0.3, round_to=None),
+        data=_data(train_limit=128, eval_limit=64), training=TrainConfig(epochs=1, workers=0),
+        options=CompressOptions(workdir=tmp_path / "w", bench=False),
+    )  # fmt: skip
+    assert report.verification.exact
+    assert sorted(g.kept for g in report.groups if g.prunable) == [12, 12, 12, 18]
+    slim = onnx.load(str(tmp_path / "slim.onnx"))
+    groups = sorted(a.i for n in slim.graph.node for a in n.attribute if a.name == "group")
+    assert groups[-2:] == [2, 4]

@@ -84,3 +84,34 @@ def test_analyze_names_each_blocked_group(exported, name):
     assert "graph input 'input'" in reasons and "graph output 'logits'" in reasons
     # the MACs of the layers that shrink at rate 0.3 (MobileNetV3's SE and head: 89%)
     assert result.prunable_macs / result.stats.macs > 0.85
+
+
+@pytest.mark.parametrize("variant", ["kept17", "dynamo"])
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_y_400mf"])
+def test_grouped_conv_families_are_cut_fully(exported, tmp_path, name, variant):
+    """ResNeXt's groups=32 and RegNet's group-width-8 convs lose the same count in every
+    convolution group: the whole network is cut, not only its 1x1 convs (30% / 26% before)."""
+    out = tmp_path / "slim.onnx"
+    result = sfp_onnx.prune(exported(name, variant), out, rate=0.3, round_to=None)
+    assert result.verification.exact
+    assert result.macs_reduction >= 0.45, f"{name}: only {result.macs_reduction:.1%} removed"
+    before, after = (_grouped_convs(path) for path in (exported(name, variant), out))
+    assert before and before.keys() == after.keys()
+    for node, (group, shape) in after.items():
+        assert group == before[node][0], "a grouped conv keeps its group count"
+        assert shape[0] % group == 0
+        assert shape[1] <= before[node][1][1]
+    narrowed = sum(shape[1] < before[node][1][1] for node, (_, shape) in after.items())
+    assert narrowed > len(after) / 2, "most grouped convs read fewer channels per group"
+
+
+def _grouped_convs(path) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Conv node -> (group, weight shape) for every conv with group > 1."""
+    graph = onnx.load(str(path)).graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    found = {}
+    for node in graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1:
+            found[node.name] = (group, shapes[node.input[1]])
+    return found

@@ -44,6 +44,33 @@ def test_rounded_counts(channels, rate, round_to, pruned):
     assert prune_count(channels, rate, round_to) == pruned
 
 
+@pytest.mark.parametrize(
+    ("channels", "rate", "round_to", "parts", "pruned"),
+    [
+        (128, 0.3, None, 32, 32),  # ResNeXt: 1 of each group's 4 channels
+        (128, 0.3, 8, 32, 32),  # 96 kept is a multiple of lcm(8, 32) = 32
+        (440, 0.3, None, 55, 110),  # RegNet, group width 8: 2 of each 8
+        (440, 0.3, 8, 55, 0),  # lcm(8, 55) = 440: no width but the whole one
+        (16, 0.9, None, 4, 12),  # each group keeps at least one channel
+        (24, 0.3, 4, 2, 4),  # 2 parts of 12 lose 3 each: 18 kept, halfway -> 20 (10 per part)
+    ],
+)
+def test_grouped_counts(channels, rate, round_to, parts, pruned):
+    from sfp_onnx.graph.soft_prune import prune_count
+
+    assert prune_count(channels, rate, round_to, parts) == pruned
+
+
+def test_grouped_selection_takes_the_lowest_of_each_part():
+    import numpy as np
+
+    from sfp_onnx.graph.soft_prune import select_channels
+
+    score = np.array([0, 1, 2, 3, 9, 8, 7, 6], dtype=float)
+    assert select_channels(score, 4).tolist() == [0, 1, 2, 3]
+    assert select_channels(score, 4, parts=2).tolist() == [0, 1, 6, 7]  # 2 of each half
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A CIFAR ResNet-8 of width 24 with a dynamic batch."""

@@ -18,6 +18,7 @@ import sfp_onnx
 from sfp_onnx.runtime.session import create_session
 from tests.exports import (
     DepthwiseMultiplierNet,
+    GroupedNet,
     ResidualNet,
     cifar_images,
     export,
@@ -157,6 +158,43 @@ def test_a_depthwise_conv_with_a_multiplier_is_pruned_exactly(tmp_path, variant)
     group = next(a.i for a in depthwise[0].attribute if a.name == "group")
     assert (group, inits[depthwise[0].input[1]][0]) == (6, 12)  # 6 inputs, 2 outputs each
     assert report.macs_reduction > 0.3
+
+
+@pytest.mark.parametrize("variant", ["kept17", "fold13", "dynamo"])
+def test_grouped_convs_lose_the_same_count_in_every_group(tmp_path, variant):
+    """groups=4 and groups=2 convs: every convolution group keeps the same width, so
+    ``group`` is unchanged and the weights stay [C_out, C_in/G, k, k]."""
+    torch.manual_seed(0)
+    net = randomize_norms(GroupedNet(width=16))
+    path = export(net, tmp_path / "grouped.onnx", variant, size=16)
+    report = sfp_onnx.prune(path, tmp_path / "slim.onnx", rate=0.3, round_to=None)
+    assert report.verification.exact
+    kept = sorted((g.channels, g.kept) for g in report.groups if g.prunable)
+    # residual stream 16 (read by the groups=2 conv: 2 parts of 8, 6 kept in each), the
+    # reduce output (4 parts of 4: 3 kept each), the grouped output (3 of 4 per part) and the
+    # widened 24 (2 parts of 12: 9 kept each)
+    assert kept == [(16, 12), (16, 12), (16, 12), (24, 18)]
+    slim = onnx.load(str(tmp_path / "slim.onnx"))
+    inits = {t.name: numpy_helper.to_array(t).shape for t in slim.graph.initializer}
+    grouped = {
+        next(a.i for a in n.attribute if a.name == "group"): inits[n.input[1]]
+        for n in slim.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    }
+    assert grouped == {4: (12, 3, 3, 3), 2: (18, 6, 3, 3)}
+    assert report.macs_reduction > 0.4
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_grouped_rounding_keeps_a_multiple_of_both(tmp_path, round_to):
+    """Kept widths are multiples of lcm(K, groups); a group that cannot meet both stays whole."""
+    torch.manual_seed(0)
+    path = export(randomize_norms(GroupedNet(width=16)), tmp_path / "grouped.onnx", size=16)
+    report = sfp_onnx.prune(path, tmp_path / "slim.onnx", rate=0.3, round_to=round_to)
+    assert report.verification.exact
+    for group in report.groups:
+        if group.prunable:
+            assert group.kept % round_to == 0
 
 
 class _FlattenNorm(torch.nn.Module):

@@ -83,11 +83,35 @@ def _conv(node: ir.Node, ctx: AnalysisContext) -> None:
         ctx.add_count(x, node, attribute="group")
         ctx.set_layout(out, layout)
         return
+    _grouped_conv(node, ctx, x, weight, bias, group)
+
+
+def _grouped_conv(
+    node: ir.Node,
+    ctx: AnalysisContext,
+    x: Layout | None,
+    weight: ir.Value,
+    bias: ir.Value | None,
+    group: int,
+) -> None:
+    """A Conv of G groups: output group g reads only input group g.
+
+    Both channel axes are cut into G equal parts that must each lose the same number of
+    channels, so ``group`` stays G and the weight stays [C_out, C_in/G, k...]; the input
+    side deletes, in each block of rows, the columns of that block's input channels.
+    """
+    w_shape = weight.const_value.shape
     reason = f"grouped convolution {node.name!r} (group={group})"
-    ctx.block(x, reason)
-    layout = _producer(node, ctx, w_shape[0], rank)
-    ctx.block(layout, reason)
-    ctx.set_layout(out, layout)
+    if x is not None and ctx.split_into_parts(x, w_shape[1], reason):
+        ctx.add_slices(x, weight, 1, "input", node, row_groups=group)
+        ctx.add_consumer(x, node, node.inputs[0])
+    layout = _producer(node, ctx, w_shape[0], len(w_shape))
+    if w_shape[0] % group or not ctx.split_into_parts(layout, w_shape[0] // group, reason):
+        ctx.block(layout, reason)
+    ctx.add_slices(layout, weight, 0, "filter", node)
+    if bias is not None:
+        ctx.add_slices(layout, bias, 0, "bias", node)
+    ctx.set_layout(node.outputs[0], layout)
 
 
 def _conv_transpose(node: ir.Node, ctx: AnalysisContext) -> None:

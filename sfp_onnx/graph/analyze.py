@@ -13,6 +13,7 @@ groups, so they cannot disagree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -90,6 +91,7 @@ def _collect_groups(ctx: AnalysisContext) -> tuple[list[ChannelGroup], dict[int,
                 layers=tuple(x for s in ids for x in spaces.layers[s]),
                 consumers=tuple(x for s in ids for x in spaces.consumers[s]),
                 blocked="; ".join(dict.fromkeys(reasons)) or None,
+                parts=math.lcm(*(spaces.parts[s] for s in ids)),
             )
         )
     return groups, space_to_group

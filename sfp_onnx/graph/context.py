@@ -8,6 +8,8 @@ block reasons the rules of :mod:`sfp_onnx.graph._channel_rules` record. The driv
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
@@ -27,10 +29,12 @@ class SpaceRecords:
         self.layers: list[list[str]] = []
         self.consumers: list[list[ConsumerPoint]] = []
         self.blocked: list[list[str]] = []
+        self.parts: list[int] = []
 
     def new(self, size: int) -> int:
         for lst in (self.slices, self.counts, self.layers, self.consumers, self.blocked):
             lst.append([])
+        self.parts.append(1)
         self.parent.append(len(self.parent))
         self.size.append(size)
         return len(self.parent) - 1
@@ -104,8 +108,13 @@ class AnalysisContext:
         kind: SliceKind,
         node: ir.Node,
         follows: str | None = None,
+        row_groups: int = 1,
     ) -> None:
-        """Record that ``tensor``'s ``axis`` runs over the channels of ``layout``."""
+        """Record that ``tensor``'s ``axis`` runs over the channels of ``layout``.
+
+        ``row_groups`` > 1: the axis holds one convolution group's input channels (see
+        :class:`ChannelSlice`).
+        """
         for space, start, _ in layout.offsets():
             self.spaces.slices[space].append(
                 ChannelSlice(
@@ -116,8 +125,23 @@ class AnalysisContext:
                     kind=kind,
                     node=node.name,
                     follows=follows,
+                    row_groups=row_groups,
                 )
             )
+
+    def split_into_parts(self, layout: Layout, part_size: int, reason: str) -> bool:
+        """Require ``layout``'s channels to lose the same count in each run of ``part_size``.
+
+        Each segment must hold whole parts; its space then has (a multiple of) that many
+        parts. Otherwise the layout is blocked with ``reason`` and False is returned.
+        """
+        pieces = layout.offsets()
+        if layout.block != 1 or any(start % part_size or n % part_size for _, start, n in pieces):
+            self.block(layout, f"{reason}: its groups straddle concatenated inputs")
+            return False
+        for space, _, length in pieces:
+            self.spaces.parts[space] = math.lcm(self.spaces.parts[space], length // part_size)
+        return True
 
     def add_count(
         self,

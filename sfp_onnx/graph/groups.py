@@ -23,6 +23,7 @@ __all__ = [
     "CountDependency",
     "Layout",
     "SliceKind",
+    "width_label",
 ]
 
 SliceKind = Literal["filter", "bias", "mean", "scale", "param", "input"]
@@ -43,6 +44,10 @@ class ChannelSlice:
     along ``axis`` of initializer ``tensor`` (``block`` > 1 after a Flatten: the C×H×W columns
     of a Gemm). ``follows`` names, for a BatchNorm's parameters, the layer whose output the
     norm reads directly, so scoring can see that layer's filters as the model computes them.
+
+    ``row_groups`` G > 1 marks the input side of a grouped Conv: ``axis`` holds only the
+    P = C_in/G channels one convolution group reads, and channel ``c = offset + i`` of the
+    conv's input is position ``c % P`` in the ``c // P``-th of G equal row blocks of axis 0.
     """
 
     tensor: str
@@ -52,6 +57,7 @@ class ChannelSlice:
     kind: SliceKind
     node: str
     follows: str | None = None
+    row_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class ChannelGroup:
         layers: the nodes whose filters create the channels (one per coupled branch).
         consumers: where channel-mixing nodes read the channels.
         blocked: why the group cannot be pruned; ``None`` when it can.
+        parts: the channels form this many equal consecutive parts that must each lose the
+            same number of channels (a grouped Conv reads or makes them group by group).
     """
 
     id: int
@@ -100,6 +108,7 @@ class ChannelGroup:
     layers: tuple[str, ...]
     consumers: tuple[ConsumerPoint, ...]
     blocked: str | None = None
+    parts: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -110,6 +119,11 @@ class ChannelGroup:
     def filters(self) -> tuple[ChannelSlice, ...]:
         """The producer slices a pruning criterion scores."""
         return tuple(s for s in self.slices if s.kind == "filter")
+
+
+def width_label(channels: int, parts: int = 1) -> str:
+    """A group width as printed: ``"64"``, or ``"64 in 4 groups"`` for a grouped conv's."""
+    return f"{channels} in {parts} groups" if parts > 1 else str(channels)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ class RemoveChannelsPass(ir.passes.InPlacePass):
 
     Cases handled, each a slice or count recorded by the analysis:
       1. filter rows, biases, norm parameters, per-channel constants: positions on their axis;
-      2. consumer columns, in blocks of H×W after a Flatten and at segment offsets after a Concat;
+      2. consumer columns, in blocks of H×W after a Flatten and at segment offsets after a Concat,
+         and per block of rows on a grouped Conv's input side;
       3. counts: a depthwise Conv's ``group`` attribute and entries of Reshape/Resize constants.
     """
 
@@ -49,7 +50,7 @@ class RemoveChannelsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Apply all deletions, then re-infer the shapes of the tensors in between."""
-        deletions: dict[tuple[str, int], set[int]] = defaultdict(set)
+        deletions: Deletions = defaultdict(set)
         count_changes: dict[tuple[str, str | None, str | None, int], int] = defaultdict(int)
         for group in self.analysis.groups:
             chosen = self.removed.get(group.id)
@@ -65,30 +66,63 @@ class RemoveChannelsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
 
+# (tensor, axis) -> positions to delete; a grouped Conv's input side is keyed
+# (tensor, axis, G) -> the conv's input channels to delete (see _delete_grouped_columns).
+Deletions = dict[tuple, set[int]]
+
+
 def _collect(
     group: ChannelGroup,
     chosen: np.ndarray,
-    deletions: dict[tuple[str, int], set[int]],
+    deletions: Deletions,
     count_changes: dict[tuple[str, str | None, str | None, int], int],
 ) -> None:
     for piece in group.slices:
         positions = piece.offset + (chosen[:, None] * piece.block + np.arange(piece.block))
-        deletions[(piece.tensor, piece.axis)].update(positions.reshape(-1).tolist())
+        key = (piece.tensor, piece.axis)
+        if piece.row_groups > 1:
+            key = (piece.tensor, piece.axis, piece.row_groups)
+        deletions[key].update(positions.reshape(-1).tolist())
     for count in group.counts:
         key = (count.node, count.attribute, count.tensor, count.position)
         count_changes[key] += chosen.size * count.per_channel
 
 
-def _delete_positions(graph: ir.Graph, deletions: Mapping[tuple[str, int], set[int]]) -> None:
-    by_tensor: dict[str, list[tuple[int, set[int]]]] = defaultdict(list)
-    for (tensor, axis), positions in deletions.items():
-        by_tensor[tensor].append((axis, positions))
+def _delete_positions(graph: ir.Graph, deletions: Mapping[tuple, set[int]]) -> None:
+    by_tensor: dict[str, list[tuple[tuple, set[int]]]] = defaultdict(list)
+    for (tensor, *where), positions in deletions.items():
+        by_tensor[tensor].append((tuple(where), positions))
     for name, cuts in by_tensor.items():
         value = graph.initializers[name]
         array = value.const_value.numpy()
-        for axis, positions in cuts:
-            array = np.delete(array, sorted(positions), axis=axis % array.ndim)
+        # plain cuts first: a grouped input side needs the final rows of each block
+        for where, positions in sorted(cuts, key=lambda cut: len(cut[0])):
+            if len(where) == 1:
+                array = np.delete(array, sorted(positions), axis=where[0] % array.ndim)
+            else:
+                array = _delete_grouped_columns(array, where[0], where[1], positions)
         _set_initializer(value, array)
+
+
+def _delete_grouped_columns(
+    array: np.ndarray, axis: int, row_groups: int, channels: set[int]
+) -> np.ndarray:
+    """Delete a grouped Conv's input ``channels`` from the row block of each one's group.
+
+    ``axis`` holds the P input channels of one convolution group; input channel c is column
+    c % P of the (c // P)-th of ``row_groups`` equal blocks of rows (axis 0). Every block
+    loses the same number of columns (the analysis' equal-parts rule), so the result is
+    again one array with ``row_groups`` blocks.
+    """
+    width = array.shape[axis]
+    blocks = np.split(array, row_groups, axis=0)
+    kept = []
+    for part, block in enumerate(blocks):
+        local = [c % width for c in channels if c // width == part]
+        kept.append(np.delete(block, sorted(local), axis=axis))
+    if len({block.shape for block in kept}) != 1:
+        raise ValueError("grouped convolution input: groups would lose different counts")
+    return np.concatenate(kept, axis=0)
 
 
 def _set_initializer(value: ir.Value, array: np.ndarray) -> None:

@@ -9,6 +9,7 @@ summed over every coupled filter, so the branches of a residual join zero the sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -106,28 +107,42 @@ def score_group(
     return score
 
 
-def prune_count(channels: int, rate: float, round_to: int | None = None) -> int:
+def prune_count(channels: int, rate: float, round_to: int | None = None, parts: int = 1) -> int:
     """How many of ``channels`` to zero: ⌊rate·C⌋, adjusted so a multiple of K remain.
 
     With ``round_to`` K the kept count is rounded to the nearest multiple of K (at least K;
     a tie keeps the larger, so 12 of 16 stays 16 and 20 of 32 becomes 24 with K = 8); groups
     narrower than K are left whole. At least one channel is always kept.
+
+    With ``parts`` P (a grouped convolution's groups), each of the P equal parts loses
+    ⌊rate·C/P⌋ channels and keeps at least one, and the kept count is a multiple of
+    lcm(K, P).
     """
     if not 0.0 <= rate < 1.0:
         raise UsageError(f"rate must be in [0, 1), got {rate}")
-    pruned = int(np.floor(rate * channels + 1e-9))
-    if round_to and round_to > 1 and pruned:
-        if channels < round_to:
+    per_part = channels // parts
+    pruned = parts * int(np.floor(rate * per_part + 1e-9))
+    step = math.lcm(round_to, parts) if round_to and round_to > 1 else parts
+    if step > 1 and pruned:
+        if channels < step:
             return 0
-        kept = round_to * max(1, int(np.floor((channels - pruned) / round_to + 0.5)))
+        kept = step * max(1, int(np.floor((channels - pruned) / step + 0.5)))
         pruned = channels - min(kept, channels)
-    return min(pruned, channels - 1)
+    return min(pruned, channels - parts)
 
 
-def select_channels(score: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the ``count`` lowest scores (ties broken by index), sorted."""
+def select_channels(score: np.ndarray, count: int, parts: int = 1) -> np.ndarray:
+    """Indices of the ``count`` lowest scores (ties broken by index), sorted.
+
+    With ``parts`` P, the ``count / P`` lowest of each of the P equal consecutive parts.
+    """
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
+    if parts > 1:
+        size = score.size // parts
+        chosen = [p * size + select_channels(score[p * size : (p + 1) * size], count // parts)
+                  for p in range(parts)]  # fmt: skip
+        return np.concatenate(chosen).astype(np.int64)
     order = np.lexsort((np.arange(score.size), score))
     return np.sort(order[:count]).astype(np.int64)
 
@@ -151,8 +166,10 @@ def soft_prune_model(
     for group in groups:
         if not group.prunable or not group.filters:
             continue
-        count = prune_count(group.channels, rate, round_to)
-        chosen[group.id] = select_channels(score_group(group, arrays, criterion), count)
+        count = prune_count(group.channels, rate, round_to, group.parts)
+        chosen[group.id] = select_channels(
+            score_group(group, arrays, criterion), count, group.parts
+        )
     for name, array in masked_arrays(model, groups, chosen).items():
         initializers[name].const_value = ir.tensor(array, name=name)
     return chosen

@@ -263,11 +263,23 @@ def removable_channels(model: ir.Model, analysis: Analysis) -> dict[int, np.ndar
     zeros = find_zero_channels(model, analysis)
     removable: dict[int, np.ndarray] = {}
     for group in analysis.prunable_groups:
-        mask = _zero_at_consumers(group, zeros)
-        if mask.all():
-            mask[0] = False
-        removable[group.id] = np.flatnonzero(mask)
+        removable[group.id] = _equal_in_parts(_zero_at_consumers(group, zeros), group.parts)
     return removable
+
+
+def _equal_in_parts(zero: Vector, parts: int) -> np.ndarray:
+    """Indices to remove: the same count of zero channels from each of ``parts`` equal runs.
+
+    A grouped convolution keeps one width per group, so each part gives up only as many of
+    its zero channels as the part with the fewest (its last ones; all are exactly zero),
+    and every part keeps at least one channel (the first, when all are zero).
+    """
+    runs = zero.reshape(parts, -1)
+    count = min(int(runs.sum(axis=1).min()), runs.shape[1] - 1)
+    size = runs.shape[1]
+    return np.concatenate(
+        [p * size + np.flatnonzero(run)[run.sum() - count :] for p, run in enumerate(runs)]
+    ).astype(np.int64)
 
 
 def masked_arrays(

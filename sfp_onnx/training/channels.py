@@ -65,7 +65,9 @@ def choose_channels(
         arrays = view(arrays)
     return {
         group.id: select_channels(
-            score_group(group, arrays, criterion), prune_count(group.channels, rate, round_to)
+            score_group(group, arrays, criterion),
+            prune_count(group.channels, rate, round_to, group.parts),
+            group.parts,
         )
         for group in groups
     }

@@ -192,14 +192,14 @@ class PaperSfpPruner(TrainingHook):
         channels is what the surgery keeps); at the final epoch those get the exact zeroing.
         """
         arrays = self.imported.arrays(scoring_tensors([group]))
-        count = prune_count(group.channels, rate, self.config.round_to)
+        count = prune_count(group.channels, rate, self.config.round_to, group.parts)
         common = None
         for piece in group.filters:
             rows = filter_rows(arrays[piece.tensor], piece, group.channels).astype(np.float64)
             factor = norm_factor(group, piece.node, arrays)
             if factor is not None and factor.size == group.channels:
                 rows = rows * factor[:, None]
-            chosen = select_channels(CRITERIA[self.config.criterion](rows), count)
+            chosen = select_channels(CRITERIA[self.config.criterion](rows), count, group.parts)
             zero_channels(self.imported, group, chosen, kinds=_FILTER_KINDS, layers={piece.node})
             common = set(chosen.tolist()) if common is None else common & set(chosen.tolist())
         shared = np.array(sorted(common or ()), dtype=np.int64)

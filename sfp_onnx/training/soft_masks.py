@@ -201,8 +201,8 @@ class SoftMaskPruner(TrainingHook):
         chosen = {}
         for group in self.groups:
             score = (self.importance[group.id] / self.importance_steps).cpu().numpy()
-            count = prune_count(group.channels, self.rate, config.round_to)
-            chosen[group.id] = select_channels(score, count)
+            count = prune_count(group.channels, self.rate, config.round_to, group.parts)
+            chosen[group.id] = select_channels(score, count, group.parts)
         self.importance, self.importance_steps = {}, 0
         return chosen
 
