@@ -221,8 +221,7 @@ def _fine_tune(
     job.imported.module.to("cpu").eval()
     if norms is not None:
         norms.fold()
-    if isinstance(pruner, SoftMaskPruner):
-        pruner.finish()
+    pruner.finish()  # after the fold: a folded-back norm must not revive a zeroed channel
     job.timing["training"] = time.perf_counter() - started
     return history
 
@@ -338,7 +337,9 @@ def _teacher(
     return import_model(load_model(source)).module
 
 
-def _pruner(job: _Job, sfp: SfpConfig, norms: InsertedNorms | None) -> TrainingHook:
+def _pruner(
+    job: _Job, sfp: SfpConfig, norms: InsertedNorms | None
+) -> SoftMaskPruner | PaperSfpPruner:
     if sfp.method == "sfp-paper":
         return PaperSfpPruner(job.imported, list(job.analysis.groups), sfp)
     view = norms.view if norms else None

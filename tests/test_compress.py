@@ -238,3 +238,24 @@ def test_compress_a_resnext_style_net_keeps_every_conv_group_equal(tmp_path):
     slim = onnx.load(str(tmp_path / "slim.onnx"))
     groups = sorted(a.i for n in slim.graph.node for a in n.attribute if a.name == "group")
     assert groups[-2:] == [2, 4]
+
+
+@pytest.mark.parametrize("method", ["soft-mask", "sfp-paper"])
+def test_a_bn_folded_export_trains_with_norms_and_is_still_cut(tmp_path, method):
+    """A folded export trains with a BatchNorm back after each conv, folded away before the
+    file is written; the channels the method zeroed are still zero after that fold (the
+    folded-back shift would otherwise revive them: the paper mode once wrote a 0% cut)."""
+    torch.manual_seed(0)
+    source = tmp_path / "folded.onnx"
+    export_onnx(create_cifar_resnet(depth=8), source, fold_bn=True)
+    assert not [n for n in onnx.load(str(source)).graph.node if n.op_type == "BatchNormalization"]
+    report = sfp_onnx.compress(
+        source, tmp_path / "slim.onnx", sfp=SfpConfig(rate=0.3, round_to=None, method=method),
+        data=_data(train_limit=128, eval_limit=64), training=TrainConfig(epochs=2, workers=0),
+        options=CompressOptions(workdir=tmp_path / "w", bench=False),
+    )  # fmt: skip
+    assert report.verification.exact
+    assert report.macs_reduction > 0.3
+    assert [g.kept for g in report.groups if g.prunable] == [
+        g.channels - int(0.3 * g.channels) for g in report.groups if g.prunable
+    ]

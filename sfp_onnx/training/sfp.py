@@ -155,6 +155,17 @@ class PaperSfpPruner(TrainingHook):
     def load_state_dict(self, state: dict) -> None:
         self.masks = {int(k): np.asarray(v, dtype=np.int64) for k, v in state["masks"].items()}
 
+    def finish(self) -> dict[int, np.ndarray]:
+        """Zero the last epoch's channels again in every producer slice, exactly.
+
+        A no-op on the weights the last epoch end zeroed, unless something changed them
+        since: a BatchNorm put back into a BN-folded export for training gives the zeroed
+        conv a bias again when it is folded away. Returns the channels per group id.
+        """
+        for group in self.groups:
+            zero_channels(self.imported, group, self.masks.get(group.id, np.zeros(0, np.int64)))
+        return dict(self.masks)
+
     def step(self, epoch: int, epochs: int) -> dict:
         """Zero the channels chosen at the end of ``epoch``; returns the kept/total counts."""
         config = self.config
