@@ -149,6 +149,47 @@ class GroupedNet(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
+class ChannelSplitNet(nn.Module):
+    """One conv's output cut along the channels, three ways (``kind``):
+
+    - ``glu``: ``a, b = chunk(y, 2)``, ``a * sigmoid(b)`` (a gated linear unit: the halves
+      are joined channel by channel);
+    - ``branches``: ``split(y, [6, 10])``, a conv on each piece, concatenated again;
+    - ``slice``: ``y[:, 4:12]`` read by the next conv, ``y`` itself by a second one.
+    """
+
+    def __init__(self, kind: str, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.kind = kind
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width))
+        half = width // 2
+        if kind == "glu":
+            self.body = nn.Conv2d(half, 12, 3, padding=1)
+        elif kind == "branches":
+            self.left = nn.Conv2d(6, 8, 3, padding=1)
+            self.right = nn.Conv2d(width - 6, 8, 1)
+            self.body = nn.Conv2d(16, 12, 3, padding=1)
+        else:
+            self.body = nn.Conv2d(8, 12, 3, padding=1)
+            self.side = nn.Conv2d(width, 12, 1)
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.stem(x)) if self.kind != "glu" else self.stem(x)
+        if self.kind == "glu":
+            a, b = torch.chunk(y, 2, dim=1)
+            y = self.body(a * torch.sigmoid(b))
+        elif self.kind == "branches":
+            left, right = torch.split(y, [6, y.shape[1] - 6], dim=1)
+            y = self.body(
+                torch.cat([torch.relu(self.left(left)), torch.relu(self.right(right))], 1)
+            )
+        else:
+            y = self.body(y[:, 4:12]) + self.side(y)
+        y = nn.functional.adaptive_avg_pool2d(torch.relu(y), 1)
+        return self.head(torch.flatten(y, 1))
+
+
 class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()

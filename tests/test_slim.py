@@ -17,6 +17,7 @@ from onnx import numpy_helper
 import sfp_onnx
 from sfp_onnx.runtime.session import create_session
 from tests.exports import (
+    ChannelSplitNet,
     DepthwiseMultiplierNet,
     GroupedNet,
     ResidualNet,
@@ -195,6 +196,30 @@ def test_grouped_rounding_keeps_a_multiple_of_both(tmp_path, round_to):
     for group in report.groups:
         if group.prunable:
             assert group.kept % round_to == 0
+
+
+@pytest.mark.parametrize("variant", ["kept17", "kept13", "dynamo"])
+@pytest.mark.parametrize(
+    ("kind", "kept"),
+    [
+        # the GLU's halves are one group of 8 (6 kept); its body 12 -> 9
+        ("glu", [(8, 6), (12, 9)]),
+        # the pieces 6 and 10 of the stem, the two branch convs, the body
+        ("branches", [(6, 5), (8, 6), (8, 6), (10, 7), (12, 9)]),
+        # the stem's channels before, inside and after the slice [4, 12)
+        ("slice", [(4, 3), (4, 3), (8, 6), (12, 9)]),
+    ],
+)
+def test_channel_splits_and_slices_are_pruned_exactly(tmp_path, variant, kind, kept):
+    """A Split or Slice along the channels makes each piece its own group; the sizes,
+    starts and ends shrink with the channels before them."""
+    torch.manual_seed(0)
+    net = randomize_norms(ChannelSplitNet(kind))
+    path = export(net, tmp_path / f"{kind}.onnx", variant, size=16)
+    report = sfp_onnx.prune(path, tmp_path / "slim.onnx", rate=0.3, round_to=None)
+    assert report.verification.exact
+    assert sorted((g.channels, g.kept) for g in report.groups if g.prunable) == kept
+    assert report.macs_reduction > 0.3
 
 
 class _FlattenNorm(torch.nn.Module):

@@ -9,6 +9,7 @@ through an op is not decided here but in :mod:`sfp_onnx.graph.zeros`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -370,11 +371,85 @@ def _split_or_slice(node: ir.Node, ctx: AnalysisContext) -> None:
     if x is None:
         return
     axes = _cut_axes(node, ctx, x.rank)
-    if axes is None or x.axis in axes:
-        ctx.block(x, f"{node.op_type} {node.name!r} cuts the channel axis")
+    if axes is None:
+        ctx.block(x, f"{node.op_type} {node.name!r} has computed axes")
         return
-    for out in node.outputs:
-        ctx.set_layout(out, x)
+    if x.axis not in axes:
+        for out in node.outputs:
+            ctx.set_layout(out, x)
+        return
+    cut = _channel_split if node.op_type == "Split" else _channel_slice
+    problem = None if x.block == 1 else "cuts channels spread over several positions"
+    problem = problem or cut(node, ctx, x, axes.index(x.axis))
+    if problem:
+        ctx.block(ctx.layout(node.inputs[0]), f"{node.op_type} {node.name!r} {problem}")
+
+
+def _channel_split(node: ir.Node, ctx: AnalysisContext, x: Layout, _: int) -> str | None:
+    """A Split along the channels: each output is a range of the input's channels (a Concat
+    in reverse); the ``split`` sizes count the channels of their output."""
+    sizes_value = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    sizes = ctx.const(sizes_value) if sizes_value is not None else _attr(node, "split")
+    if sizes is None:
+        return "splits into equal parts without sizes (normalised away when shapes are known)"
+    sizes = _ints(sizes)
+    if sum(sizes) != x.channels or len(sizes) != len(node.outputs):
+        return "has sizes that do not add up to the channels"
+    bounds = np.cumsum([0, *sizes]).tolist()
+    layouts = _ranges(node, ctx, bounds)
+    if layouts is None:
+        return "cuts inside a joined group of other widths"
+    for position, (out, layout) in enumerate(zip(node.outputs, layouts, strict=True)):
+        if sizes_value is not None:
+            ctx.add_count(layout, node, tensor=sizes_value, position=position)
+        else:
+            ctx.add_count(layout, node, attribute="split", position=position)
+        ctx.set_layout(out, layout)
+    return None
+
+
+def _channel_slice(node: ir.Node, ctx: AnalysisContext, x: Layout, index: int) -> str | None:
+    """A Slice of the channels [start, end), step 1: ``start`` counts the channels before
+    it and ``end`` those before it (unless it runs to the end)."""
+    if len(node.inputs) < 3:
+        return "is an opset-1 Slice (attributes)"
+    starts, ends = (ctx.const(v) for v in node.inputs[1:3])
+    steps = ctx.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else None
+    if starts is None or ends is None:
+        return "has computed starts or ends"
+    if steps is not None and _ints(steps)[index] != 1:
+        return "takes every n-th channel"
+    channels = x.channels
+    start, end = (_ints(v)[index] for v in (starts, ends))
+    start, end = (min(max(v + channels if v < 0 else v, 0), channels) for v in (start, end))
+    if start >= end:
+        return "takes no channel"
+    layouts = _ranges(node, ctx, [0, start, end, channels])
+    if layouts is None:
+        return "cuts inside a joined group of other widths"
+    before, taken, _ = layouts
+    if start > 0:
+        ctx.add_count(before, node, tensor=node.inputs[1], position=index)
+    if end < channels:
+        ctx.add_count(replace(before, segments=before.segments + taken.segments), node,
+                      tensor=node.inputs[2], position=index)  # fmt: skip
+    ctx.set_layout(node.outputs[0], taken)
+    return None
+
+
+def _ranges(node: ir.Node, ctx: AnalysisContext, bounds: list[int]) -> list[Layout] | None:
+    """The input's channels [b_i, b_i+1) as layouts, each cut made a segment boundary."""
+    for cut in bounds[1:-1]:
+        ctx.refine_at(node.inputs[0], cut)
+    x = ctx.layout(node.inputs[0])
+    edges = [start for _, start, _ in x.offsets()] + [x.channels]
+    if any(b not in edges for b in bounds):
+        return None
+    layouts = []
+    for lo, hi in itertools.pairwise(bounds):
+        segments = tuple((s, n) for s, start, n in x.offsets() if lo <= start < hi)
+        layouts.append(replace(x, segments=segments))
+    return layouts
 
 
 def _dims(value: ir.Value) -> tuple[int | str, ...] | None:

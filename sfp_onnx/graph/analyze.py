@@ -70,7 +70,8 @@ def _collect_groups(ctx: AnalysisContext) -> tuple[list[ChannelGroup], dict[int,
     spaces = ctx.spaces
     members: dict[int, list[int]] = {}
     for space in range(len(spaces.parent)):
-        members.setdefault(spaces.find(space), []).append(space)
+        if space not in spaces.retired:
+            members.setdefault(spaces.find(space), []).append(space)
     groups: list[ChannelGroup] = []
     space_to_group: dict[int, int] = {}
     for root in sorted(members):

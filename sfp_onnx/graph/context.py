@@ -8,7 +8,9 @@ block reasons the rules of :mod:`sfp_onnx.graph._channel_rules` record. The driv
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +32,7 @@ class SpaceRecords:
         self.consumers: list[list[ConsumerPoint]] = []
         self.blocked: list[list[str]] = []
         self.parts: list[int] = []
+        self.retired: set[int] = set()  # spaces split into two by refine_at
 
     def new(self, size: int) -> int:
         for lst in (self.slices, self.counts, self.layers, self.consumers, self.blocked):
@@ -180,6 +183,72 @@ class AnalysisContext:
             self.spaces.union(sa, sb)
         return True
 
+    def refine_at(self, value: ir.Value, cut: int) -> Layout | None:
+        """Make channel ``cut`` of ``value`` a segment boundary; returns its new layout.
+
+        A Split or Slice that cuts inside a channel space (the two halves of one conv's
+        output, a GLU gate) makes each piece its own space: every space joined with it is cut
+        at the same offset into a first and a second part, which inherit its slices (the
+        second with offsets shifted by the cut), consumers, count dependencies, layers and
+        blocks; the first parts are joined together, and so are the second. Every recorded
+        layout that held the old space holds the two parts from now on.
+        """
+        layout = self.layout(value)
+        if layout is None:
+            return None
+        for space, start, length in layout.offsets():
+            if start < cut < start + length:
+                self._split_class(space, cut - start)
+                return self.layout(value)
+        return layout
+
+    def _split_class(self, space: int, offset: int) -> None:
+        spaces = self.spaces
+        root = spaces.find(space)
+        members = [s for s in range(len(spaces.parent)) if spaces.find(s) == root]
+        members = [s for s in members if s not in spaces.retired]
+        if len({spaces.size[s] for s in members}) > 1:
+            return  # joined spaces of other widths: blocked anyway, the cut stays inside
+        pieces: dict[int, tuple[int, int]] = {}
+        for member in members:
+            size = spaces.size[member]
+            first, second = spaces.new(offset), spaces.new(size - offset)
+            pieces[member] = (first, second)
+            self._inherit(member, first, 0, offset)
+            self._inherit(member, second, offset, size)
+            spaces.retired.add(member)
+        firsts, seconds = zip(*pieces.values(), strict=True)
+        for a, b in itertools.pairwise(firsts):
+            spaces.union(a, b)
+        for a, b in itertools.pairwise(seconds):
+            spaces.union(a, b)
+        for name, layout in self.layouts.items():
+            if any(s in pieces for s, _ in layout.segments):
+                self.layouts[name] = replace(
+                    layout, segments=_split_segments(layout, pieces, offset)
+                )
+
+    def _inherit(self, old: int, new: int, start: int, stop: int) -> None:
+        """Records of channels [start, stop) of space ``old`` for the new space ``new``."""
+        spaces = self.spaces
+        spaces.slices[new] = [
+            replace(p, offset=p.offset + start * p.block) for p in spaces.slices[old]
+        ]
+        spaces.counts[new] = list(spaces.counts[old])
+        spaces.layers[new] = list(spaces.layers[old])
+        spaces.blocked[new] = list(spaces.blocked[old])
+        spaces.consumers[new] = [
+            replace(c, start=c.start + start, stop=c.start + stop) for c in spaces.consumers[old]
+        ]
+        parts, size = spaces.parts[old], spaces.size[old]
+        part_size = size // parts
+        if parts == 1:
+            return
+        if (stop - start) % part_size or start % part_size:
+            spaces.blocked[new].append("a channel split cuts through a convolution group")
+        else:
+            spaces.parts[new] = (stop - start) // part_size
+
     def block(self, layout: Layout | None, reason: str) -> None:
         """Mark every space of ``layout`` as not prunable, with the reason."""
         if layout is None:
@@ -191,3 +260,17 @@ class AnalysisContext:
         """Block every tracked input of ``node``."""
         for value in node.inputs:
             self.block(self.layout(value), reason)
+
+
+def _split_segments(
+    layout: Layout, pieces: dict[int, tuple[int, int]], offset: int
+) -> tuple[tuple[int, int], ...]:
+    """``layout``'s segments with each split space replaced by its two parts."""
+    segments = []
+    for space, length in layout.segments:
+        if space in pieces:
+            first, second = pieces[space]
+            segments += [(first, offset), (second, length - offset)]
+        else:
+            segments.append((space, length))
+    return tuple(segments)

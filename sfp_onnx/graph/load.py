@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from sfp_onnx._io import OutputError
 from sfp_onnx.errors import InvalidModelError, UnsupportedModelError
+from sfp_onnx.graph.passes import fold_static_shape_reads
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -212,6 +213,52 @@ class UnshareInitializersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
 
+class ExplicitSplitSizesPass(ir.passes.InPlacePass):
+    """Give every equal Split along a known axis its sizes, as a constant.
+
+    Cases: Split-18's ``num_outputs`` and a Split with neither sizes nor ``num_outputs``
+    (an equal split) become the same Split with the ``split`` input (opset 13+) or
+    attribute; the sizes are those ONNX defines (equal, the last part smaller when the axis
+    does not divide). Pruning then shrinks each size with its own channels. Splits whose
+    axis length is unknown are left alone.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Rewrite every eligible Split."""
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
+        modified = False
+        for node in model.graph:
+            if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
+                continue
+            has_sizes = (len(node.inputs) > 1 and node.inputs[1] is not None) or (
+                "split" in node.attributes
+            )
+            shape = node.inputs[0].shape
+            axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+            if has_sizes or shape is None or not isinstance(shape[axis], int):
+                continue
+            sizes = _equal_split(shape[axis], len(node.outputs))
+            node.attributes.pop("num_outputs", None)
+            if opset >= 13:
+                name = _fresh_name(model.graph, f"{node.name or 'split'}_sizes")
+                array = np.asarray(sizes, dtype=np.int64)
+                value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+                value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.INT64
+                model.graph.register_initializer(value)
+                node.resize_inputs(2)
+                node.replace_input_with(1, value)
+            else:
+                node.attributes["split"] = ir.AttrInt64s("split", sizes)
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _equal_split(length: int, parts: int) -> list[int]:
+    """ONNX's equal split: ceil(length / parts) each, the last part what is left."""
+    size = -(-length // parts)
+    return [size] * (parts - 1) + [length - size * (parts - 1)]
+
+
 def _fresh_name(graph: ir.Graph, name: str) -> str:
     candidate, k = name, 0
     while candidate in graph.initializers:
@@ -225,7 +272,8 @@ def normalize_model(model: ir.Model) -> ir.Model:
 
     Constants become initializers, Identity nodes go (weights that reach a Conv through an
     Identity become its direct inputs), initializers listed as graph inputs stop being inputs,
-    every node gets private initializers, and shapes are inferred.
+    every node gets private initializers, shapes are inferred, reads of static dims (and
+    the integer maths on them) become constants, and equal Splits get their sizes.
     """
     passes = ir.passes.PassManager(
         [
@@ -240,6 +288,10 @@ def normalize_model(model: ir.Model) -> ir.Model:
     )
     passes(model)
     infer_shapes(model)
+    if fold_static_shape_reads(model):  # a legacy chunk: Slice(x, 0, Shape(x)[1] / 2)
+        common_passes.RemoveUnusedNodesPass()(model)
+        UnshareInitializersPass()(model)  # one folded end is often the next Slice's start
+    ExplicitSplitSizesPass()(model)
     return model
 
 

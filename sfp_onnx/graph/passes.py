@@ -43,6 +43,7 @@ __all__ = [
     "GatherAsReshapePass",
     "ReshapeAllowZeroPass",
     "fixed_batch_outputs",
+    "fold_static_shape_reads",
     "fold_static_shapes",
     "prepare_training_graph",
     "reinfer_shapes",
@@ -424,12 +425,29 @@ def fold_static_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """
     model = ir.serde.deserialize_model(proto)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    changed = True
-    while changed:
-        FoldShapeArithmeticPass()(model)
-        reinfer_shapes(model)
-        changed = any([_fold_static_shape_read(model.graph, n) for n in list(model.graph)])
+    fold_static_shape_reads(model)
     return ir.serde.serialize_model(model)
+
+
+def fold_static_shape_reads(model: ir.Model) -> bool:
+    """In place: reads of static dims, and the integer maths on them, become constants.
+
+    Exact at every input size: only dims the graph fixes are read (a symbolic batch stays a
+    Shape read). Returns True if anything was folded.
+    """
+    # Shapes known before stay as they were (symbolic dims keep their names: re-inference
+    # would rename a "batch" after a Reshape to "unk__0"); folding only adds shapes.
+    known = [(v, v.shape) for n in model.graph for v in n.outputs if v.shape is not None]
+    interface = [(value, value.shape) for value in model.graph.outputs]
+    folded, changed = False, True
+    while changed:
+        changed = FoldShapeArithmeticPass()(model).modified
+        reinfer_shapes(model)  # a Shape read is folded only where its input's dims are known
+        changed |= any([_fold_static_shape_read(model.graph, n) for n in list(model.graph)])
+        folded |= changed
+    for value, shape in [*known, *interface]:
+        value.shape = shape
+    return folded
 
 
 def fixed_batch_outputs(graph: ir.Graph) -> list[str]:

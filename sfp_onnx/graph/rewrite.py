@@ -137,9 +137,13 @@ def _shrink_counts(
     for (node_name, attribute, tensor, position), delta in changes.items():
         if attribute is not None:
             node = nodes[node_name]
-            node.attributes[attribute] = ir.AttrInt64(
-                attribute, node.attributes[attribute].value - delta
-            )
+            value = node.attributes[attribute].value
+            if isinstance(value, int):
+                node.attributes[attribute] = ir.AttrInt64(attribute, value - delta)
+            else:  # one entry of a list (an opset-11 Split's sizes)
+                entries = list(value)
+                entries[position] -= delta
+                node.attributes[attribute] = ir.AttrInt64s(attribute, entries)
         else:
             value = graph.initializers[tensor]
             array = value.const_value.numpy().copy()

@@ -236,11 +236,33 @@ def find_zero_channels(
             if layout is None:
                 continue
             ins = [zeros.get(v.name) if v is not None else None for v in node.inputs]
+            if (
+                node.op_type in ("Split", "Slice")
+                and ins[0] is not None
+                and (len(ins[0]) != layout.channels)
+            ):
+                start = _cut_start(node, out, analysis, get, len(ins[0]))
+                zeros[out.name] = ins[0][start : start + layout.channels].copy()
+                continue
             rule = ZERO_RULES.get(node.op_type, _never)
             if rule is _keep and ins[0] is None:
                 rule = _never
             zeros[out.name] = np.asarray(rule(node, ins, get, layout), dtype=bool)
     return zeros
+
+
+def _cut_start(node: ir.Node, out: ir.Value, analysis: Analysis, get: Getter, total: int) -> int:
+    """The first input channel of ``out``, a piece of a channel Split or Slice."""
+    if node.op_type == "Split":
+        earlier = node.outputs[: list(node.outputs).index(out)]
+        return sum(analysis.layouts[v.name].channels for v in earlier)
+    layout = analysis.layouts[node.inputs[0].name]
+    axes = get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    index = layout.axis  # without axes, the i-th start is for axis i
+    if axes is not None:
+        index = [int(a) % layout.rank for a in np.asarray(axes).reshape(-1)].index(layout.axis)
+    start = int(np.asarray(get(node.inputs[1])).reshape(-1)[index])
+    return min(max(start + total if start < 0 else start, 0), total)
 
 
 def _zero_at_consumers(group: ChannelGroup, zeros: Mapping[str, Vector]) -> Vector:
