@@ -53,6 +53,7 @@ from tests.fuzz_models import (  # noqa: E402
     PoolSpec,
     ResidualSpec,
     SESpec,
+    SplitSpec,
     fuzz_cases,
 )
 
@@ -88,6 +89,7 @@ def block_names(case) -> list[str]:
         PoolSpec: lambda b: b.kind,
         DepthwiseSpec: lambda b: f"stride {b.stride}",
         GroupedSpec: lambda b: f"{b.groups} groups, stride {b.stride}",
+        SplitSpec: lambda b: "GLU gate" if b.gate else "two convs, concat",
     }
     names = [f"{BLOCK_KINDS[type(b)]} ({detail[type(b)](b)})" for b in case.spec.blocks]
     head = case.spec.head

@@ -11,7 +11,8 @@ Conv/Gemm of the exactly slimmed model must have.
 Blocks: conv (+BN or bias) + activation; residual with identity or projection shortcut;
 concat of two branches (or of the input and a branch, DenseNet-style), maybe followed by a
 BN over both; depthwise separable; a 1x1 conv then a grouped 3x3 conv (2 or 4 groups, ResNeXt
-style); squeeze-and-excitation (GAP → 1x1 conv → ReLU → 1x1 conv
+style); a split along the channels into two convs and a concat, or into a GLU gate;
+squeeze-and-excitation (GAP → 1x1 conv → ReLU → 1x1 conv
 → Sigmoid/HardSigmoid → Mul); max/avg pool; head: GAP or Flatten of a small map → one or
 two Linear layers. Activations: ReLU, ReLU6 (Clip), SiLU, HardSwish, LeakyReLU.
 """
@@ -45,6 +46,7 @@ __all__ = [
     "PoolSpec",
     "ResidualSpec",
     "SESpec",
+    "SplitSpec",
     "build_net",
     "fuzz_cases",
     "net_specs",
@@ -124,6 +126,18 @@ class GroupedSpec:
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    """conv3x3 → BN → act, split along the channels into ``first`` and ``second``; then
+    either a conv on each piece, concatenated (split-transform-concat), or, with ``gate``,
+    ``first · sigmoid(second)`` (a GLU: the pieces are joined channel by channel)."""
+
+    first: int
+    second: int
+    act: str
+    gate: bool
+
+
+@dataclass(frozen=True)
 class SESpec:
     """x · gate(conv1x1(ReLU(conv1x1(GAP(x))))) with a Sigmoid or HardSigmoid gate."""
 
@@ -148,7 +162,16 @@ class HeadSpec:
     classes: int
 
 
-BlockSpec = ConvSpec | ResidualSpec | ConcatSpec | DepthwiseSpec | GroupedSpec | SESpec | PoolSpec
+BlockSpec = (
+    ConvSpec
+    | ResidualSpec
+    | ConcatSpec
+    | DepthwiseSpec
+    | GroupedSpec
+    | SplitSpec
+    | SESpec
+    | PoolSpec
+)
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,7 @@ BLOCK_KINDS = {
     ConcatSpec: "concat",
     DepthwiseSpec: "depthwise",
     GroupedSpec: "grouped",
+    SplitSpec: "split",
     SESpec: "se",
     PoolSpec: "pool",
 }
@@ -200,7 +224,7 @@ def _block(draw, channels: int, spatial: int, plain: bool | None) -> tuple[Block
     shortcuts over the graph input or a concatenation are blocked, so they are drawn less.
     """
     pool = spatial >= 2 and plain is not None  # the net starts with a layer that has weights
-    kinds = ["conv", "residual", "concat", "depthwise", "grouped", "se"]
+    kinds = ["conv", "residual", "concat", "depthwise", "grouped", "split", "se"]
     kinds += ["pool"] if pool else []
     kinds += ["residual"] if plain else []  # stacked residual blocks share one stream
     kind = draw(st.sampled_from(kinds))
@@ -228,6 +252,10 @@ def _block(draw, channels: int, spatial: int, plain: bool | None) -> tuple[Block
         per_group = st.integers(2, MAX_WIDTH // groups)  # 1 would be depthwise
         spec = GroupedSpec(draw(per_group), draw(per_group), groups, stride, draw(_acts))
         return spec, spec.out * groups, after
+    if kind == "split":
+        first, gate = draw(_widths), draw(st.booleans())
+        second = first if gate else draw(_widths)
+        return SplitSpec(first, second, draw(_acts), gate), (first if gate else 8), spatial
     if kind == "se":
         gate = draw(st.sampled_from(("sigmoid", "hardsigmoid")))
         return SESpec(draw(st.integers(1, 8)), gate), channels, spatial
@@ -242,7 +270,7 @@ def net_specs(draw, sizes: Sequence[int] = (8, 16), max_blocks: int = 5) -> NetS
     for _ in range(draw(st.integers(min(2, max_blocks), max_blocks))):
         spec, channels, spatial = draw(_block(channels, spatial, plain))
         blocks.append(spec)
-        if isinstance(spec, ConvSpec | DepthwiseSpec | GroupedSpec | ConcatSpec) or (
+        if isinstance(spec, ConvSpec | DepthwiseSpec | GroupedSpec | SplitSpec | ConcatSpec) or (
             isinstance(spec, ResidualSpec) and spec.projection
         ):
             plain = not isinstance(spec, ConcatSpec)
@@ -269,9 +297,11 @@ class ConvUnit(nn.Module):
     """conv → [BN] → [act]; a producer of channels (or, depthwise, of its input's)."""
 
     def __init__(self, cin: int, cout: int, k: int, stride: int, act: str | None, norm: str,
-                 depthwise: bool = False, groups: int = 1) -> None:  # fmt: skip
+                 depthwise: bool = False, groups: int = 1,
+                 split_at: int | None = None) -> None:  # fmt: skip
         super().__init__()
         groups = cin if depthwise else groups
+        self.split_at = split_at  # the output is read as two pieces: two spaces
         self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=norm == "bias")
         self.norm = nn.BatchNorm2d(cout) if norm == "bn" else None
         self.act = ACTIVATIONS[act]() if act else None
@@ -292,6 +322,10 @@ class ConvUnit(nn.Module):
             # a depthwise conv over an untracked input blocks its own channels in sfp-onnx
             space = o.new(w.shape[0], blocked=groups != 1 and w.shape[1] == 1)
             out = Flow(((space, w.shape[0]),), zero)
+            if self.split_at:
+                cut = self.split_at
+                space = (o.new(cut), o.new(w.shape[0] - cut))
+                out = Flow(((space[0], cut), (space[1], w.shape[0] - cut)), zero)
             o.layers.append(("Conv", x, space, tuple(w.shape)))
         elif w.shape[1] > 1:  # grouped: each group of the input and output loses equally
             o.reads.append(x)
@@ -410,6 +444,34 @@ class Grouped(nn.Module):
         return self.grouped.track(o, self.reduce.track(o, x))
 
 
+class Split(nn.Module):
+    """:class:`SplitSpec`: each piece of the split is its own space (joined again by a gate)."""
+
+    def __init__(self, cin: int, spec: SplitSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        width = spec.first + spec.second
+        self.unit = ConvUnit(cin, width, 3, 1, spec.act, "bn", split_at=spec.first)
+        if not spec.gate:
+            self.left = ConvUnit(spec.first, 4, 1, 1, spec.act, "bn")
+            self.right = ConvUnit(spec.second, 4, 3, 1, spec.act, "bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.unit(x), [self.spec.first, self.spec.second], dim=1)
+        if self.spec.gate:
+            return a * torch.sigmoid(b)
+        return torch.cat([self.left(a), self.right(b)], dim=1)
+
+    def track(self, o: Oracle, x: Flow | None) -> Flow | None:
+        y = self.unit.track(o, x)
+        cut = self.spec.first
+        a, b = Flow(y.segments[:1], y.zero[:cut]), Flow(y.segments[1:], y.zero[cut:])
+        if self.spec.gate:  # sigmoid(b) is never zero: a · sigmoid(b) is zero where a is
+            return o.join([a, b], a.zero.copy())
+        left, right = self.left.track(o, a), self.right.track(o, b)
+        return Flow(left.segments + right.segments, np.concatenate([left.zero, right.zero]))
+
+
 class SqueezeExcite(nn.Module):
     """:class:`SESpec`: the gate's Mul joins the expand conv's channels to the input's."""
 
@@ -484,6 +546,7 @@ _BLOCKS: dict[type, type[nn.Module]] = {
     ConcatSpec: Concat,
     DepthwiseSpec: Depthwise,
     GroupedSpec: Grouped,
+    SplitSpec: Split,
     SESpec: SqueezeExcite,
     PoolSpec: Pool,
 }

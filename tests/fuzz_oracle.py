@@ -188,7 +188,9 @@ def expected_layers(net: FuzzNet, kept: Mapping[int, int] | None = None) -> list
 
     shapes = []
     for op, x, space, shape, *groups in oracle.layers:
-        if space is None:  # depthwise: its channels are its input's
+        if isinstance(space, tuple):  # an output read as two pieces (a channel split)
+            after = (sum(kept[oracle.find(s)] for s in space), width(x, shape[1]), *shape[2:])
+        elif space is None:  # depthwise: its channels are its input's
             after = (width(x, shape[0]), 1, *shape[2:])
         elif groups:  # grouped: weight dim 1 holds one convolution group's inputs
             inputs = width(x, shape[1] * groups[0]) // groups[0]
