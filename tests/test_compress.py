@@ -259,3 +259,20 @@ def test_a_bn_folded_export_trains_with_norms_and_is_still_cut(tmp_path, method)
     assert [g.kept for g in report.groups if g.prunable] == [
         g.channels - int(0.3 * g.channels) for g in report.groups if g.prunable
     ]
+
+
+def test_compress_a_group_norm_net_removes_whole_norm_groups(tmp_path):
+    """GroupNorm of 4 groups of 4 channels (legacy export: InstanceNormalization between two
+    Reshapes): soft masks take whole groups, and the written file is exact."""
+    from tests.exports import GroupNormNet, export
+
+    torch.manual_seed(0)
+    source = export(GroupNormNet(width=16), tmp_path / "gn.onnx", size=32)
+    report = sfp_onnx.compress(
+        source, tmp_path / "slim.onnx", sfp=SfpConfig(rate=0.3, round_to=None),
+        data=_data(train_limit=128, eval_limit=64), training=TrainConfig(epochs=1, workers=0),
+        options=CompressOptions(workdir=tmp_path / "w", bench=False),
+    )  # fmt: skip
+    assert report.verification.exact
+    assert sorted(g.kept for g in report.groups if g.prunable) == [3, 3]  # groups of 4
+    assert report.after.macs < 0.7 * report.before.macs

@@ -20,6 +20,7 @@ from tests.exports import (
     ChannelSplitNet,
     DepthwiseMultiplierNet,
     GroupedNet,
+    GroupNormNet,
     ResidualNet,
     cifar_images,
     export,
@@ -220,6 +221,31 @@ def test_channel_splits_and_slices_are_pruned_exactly(tmp_path, variant, kind, k
     assert report.verification.exact
     assert sorted((g.channels, g.kept) for g in report.groups if g.prunable) == kept
     assert report.macs_reduction > 0.3
+
+
+@pytest.mark.parametrize("variant", ["kept17", "kept13", "dynamo", "dynamo23"])
+def test_group_norm_loses_whole_groups(tmp_path, variant):
+    """GroupNorm (exported as Reshape → InstanceNormalization → Reshape → Mul → Add, or at
+    opset 23 as GroupNormalization-21): its statistics span a group, so the channels of a
+    group go together and G shrinks."""
+    torch.manual_seed(0)
+    path = export(GroupNormNet(width=16), tmp_path / "gn.onnx", variant, size=16)
+    result = sfp_onnx.analyze(path)
+    prunable = [g for g in result.groups if g.prunable]
+    assert sorted(g.channels for g in prunable) == [4, 4]  # 4 groups of 4 channels each
+    out = tmp_path / "slim.onnx"
+    report = sfp_onnx.prune(path, out, rate=0.3, round_to=None)
+    assert report.verification.exact
+    assert sorted(g.kept for g in report.groups if g.prunable) == [3, 3]
+    weights = _conv_weights(out)
+    assert sorted(shape[0] for shape in weights.values()) == [10, 12, 12, 12]
+    assert report.macs_reduction > 0.3
+    slim = onnx.load(str(out))
+    norms = [n for n in slim.graph.node if n.op_type == "GroupNormalization"]
+    if variant == "dynamo23":
+        assert [a.i for n in norms for a in n.attribute if a.name == "num_groups"] == [3, 3, 3]
+    else:
+        assert not norms
 
 
 class _FlattenNorm(torch.nn.Module):

@@ -204,6 +204,34 @@ def _norm_params(kinds: tuple[str, ...]) -> Rule:
     return rule
 
 
+def _group_norm(node: ir.Node, ctx: AnalysisContext) -> None:
+    """GroupNormalization: statistics per group of C/G channels, so a group goes whole.
+
+    Scale and bias are per channel (opset 21) or per group (opset 18); ``num_groups``
+    counts the groups left.
+    """
+    x = ctx.layout(node.inputs[0])
+    if x is None:
+        return
+    groups = _attr(node, "num_groups")
+    reason = f"GroupNormalization {node.name!r}"
+    if x.axis != 1 or x.block != 1 or not groups or x.channels % groups:
+        ctx.block(x, f"{reason} groups channels it cannot track")
+        return
+    units = ctx.coarsen(node.inputs[0], x.channels // groups, f"{reason} groups channels")
+    if units is None:
+        return
+    for value, kind in zip(node.inputs[1:3], ("scale", "bias"), strict=True):
+        size = value.const_value.size if value is not None and value.const_value else None
+        if size not in (groups, x.channels):
+            ctx.block(units, f"{reason} has computed or odd-sized parameters")
+            return
+        ctx.add_slices(units if size == x.channels else replace(units, block=1), value, 0,
+                       kind, node)  # fmt: skip
+    ctx.add_count(units, node, attribute="num_groups")
+    ctx.set_layout(node.outputs[0], units)
+
+
 def _passthrough(node: ir.Node, ctx: AnalysisContext) -> None:
     """Channel-wise ops: the output carries the input's channels unchanged."""
     x = ctx.layout(node.inputs[0])
@@ -273,7 +301,7 @@ def _reduce(node: ir.Node, ctx: AnalysisContext) -> None:
             ctx.block(x, f"{node.op_type} {node.name!r} reduces over the channels")
         return
     axes = sorted(a % x.rank for a in _ints(axes))
-    if x.axis in axes or x.block != 1:
+    if x.axis in axes:
         ctx.block(x, f"{node.op_type} {node.name!r} reduces over the channels")
         return
     if _attr(node, "keepdims", 1):
@@ -326,7 +354,7 @@ def _slice_constant(
     axis = len(shape) - from_right
     if shape[axis] == 1:
         return True
-    if shape[axis] != main.channels * main.block or main.block != 1:
+    if shape[axis] != main.channels * main.block:
         return False
     ctx.add_slices(replace(main, axis=axis), value, axis, kind, node)
     return True
@@ -465,6 +493,9 @@ def _flatten_like(node: ir.Node, ctx: AnalysisContext) -> None:
     x = ctx.layout(node.inputs[0])
     if x is None:
         return
+    if node.op_type == "Reshape" and _shape_source(node) is not None:
+        _reshape_like(node, ctx, x)
+        return
     in_shape = _dims(node.inputs[0])
     out_shape = _dims(node.outputs[0])
     reason = f"{node.op_type} {node.name!r} reshapes the channels"
@@ -477,6 +508,8 @@ def _flatten_like(node: ir.Node, ctx: AnalysisContext) -> None:
         return
     if node.op_type == "Flatten" and _attr(node, "axis", 1) % max(len(in_shape), 1) != x.axis:
         ctx.block(x, reason)
+        return
+    if node.op_type == "Reshape" and _into_norm_groups(node, ctx, x, in_shape, out_shape):
         return
     # Channel c spans `inner` consecutive elements after the channel axis; the output keeps
     # the axes before it and must lay the same elements out as C blocks along the same axis.
@@ -499,6 +532,58 @@ def _flatten_like(node: ir.Node, ctx: AnalysisContext) -> None:
         if int(target.reshape(-1)[x.axis]) > 0:
             ctx.add_count(x, node, tensor=node.inputs[1], position=x.axis, per_channel=new.block)
     ctx.set_layout(node.outputs[0], new)
+
+
+def _shape_source(node: ir.Node) -> ir.Value | None:
+    """``v`` when a Reshape's target is ``Shape(v)`` (the whole shape, computed at run time)."""
+    producer = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] else None
+    if producer is None or producer.op_type != "Shape":
+        return None
+    if _attr(producer, "start", 0) != 0 or _attr(producer, "end") is not None:
+        return None
+    return producer.inputs[0]
+
+
+def _reshape_like(node: ir.Node, ctx: AnalysisContext, x: Layout) -> None:
+    """``Reshape(y, Shape(v))``: back to ``v``'s shape (a GroupNorm's statistics are taken
+    on [N, G, -1]). Exact when ``y`` holds ``v``'s pruning units in order, which then
+    shrink together; otherwise both are blocked."""
+    source = _shape_source(node)
+    target = ctx.layout(source)
+    if target is None or target.segments != x.segments or x.block != 1:
+        reason = f"Reshape {node.name!r} takes the shape of another tensor"
+        ctx.block(x, reason)
+        ctx.block(target, reason)
+        return
+    ctx.set_layout(node.outputs[0], target)
+
+
+def _into_norm_groups(
+    node: ir.Node, ctx: AnalysisContext, x: Layout, in_shape: tuple, out_shape: tuple
+) -> bool:
+    """``[N, C, ...] -> [N, G, C/G·...]``: a GroupNorm's view of its channels in G groups.
+
+    The channels of each group become one pruning unit (:meth:`AnalysisContext.coarsen`),
+    one position of the output's axis; the target's G counts the units.
+    """
+    axis = x.axis
+    groups = out_shape[axis] if len(out_shape) == axis + 2 else None
+    if x.block != 1 or not groups or groups >= x.channels or x.channels % groups:
+        return False
+    factor = x.channels // groups
+    spread = int(np.prod(in_shape[axis + 1 :], dtype=np.int64))
+    if out_shape[:axis] != in_shape[:axis] or out_shape[axis + 1] != factor * spread:
+        return False
+    target = ctx.const(node.inputs[1])
+    if target is None:
+        return False
+    units = ctx.coarsen(node.inputs[0], factor, f"{node.name!r} groups channels")
+    if units is None:
+        return True
+    if int(target.reshape(-1)[axis]) > 0:
+        ctx.add_count(replace(units, block=1), node, tensor=node.inputs[1], position=axis)
+    ctx.set_layout(node.outputs[0], replace(units, rank=len(out_shape), block=1))
+    return True
 
 
 def _squeeze_like(node: ir.Node, ctx: AnalysisContext) -> None:
@@ -554,8 +639,14 @@ def _shape(node: ir.Node, ctx: AnalysisContext) -> None:
     start = start + x.rank if start < 0 else start
     end = _attr(node, "end", x.rank)
     end = end + x.rank if end < 0 else end
-    if start <= x.axis < end:
+    if start <= x.axis < end and not _only_reshape_targets(node.outputs[0]):
         ctx.block(x, f"Shape {node.name!r} reads the channel count")
+
+
+def _only_reshape_targets(value: ir.Value) -> bool:
+    """Every use is a Reshape's target (checked there: see :func:`_reshape_like`)."""
+    uses = list(value.uses())
+    return bool(uses) and all(user.op_type == "Reshape" and index == 1 for user, index in uses)
 
 
 #: Ops that map each channel to itself and have no parameters to slice.
@@ -575,6 +666,7 @@ RULES: dict[str, Rule] = {
     "MatMul": _matmul,
     "BatchNormalization": _norm_params(("scale", "bias", "mean", "param")),
     "InstanceNormalization": _norm_params(("scale", "bias")),
+    "GroupNormalization": _group_norm,
     "PRelu": _prelu,
     "Pad": _spatial_only(_pad_check),
     "Resize": _spatial_only(_resize_check),

@@ -249,6 +249,52 @@ class AnalysisContext:
         else:
             spaces.parts[new] = (stop - start) // part_size
 
+    def coarsen(self, value: ir.Value, factor: int, reason: str) -> Layout | None:
+        """Make runs of ``factor`` consecutive channels of ``value`` one pruning unit.
+
+        A GroupNorm's statistics span each of its groups, so its channels can only go a whole
+        group at a time: every space of the layout (and every space joined with one) gets
+        ``size / factor`` channels of ``factor`` positions each. Its slices span ``factor``
+        times the positions, its consumers and counts are in units; every recorded layout
+        that holds one of these spaces is rewritten. Where that is impossible (a run
+        straddling two segments, a layout mixing these spaces with others, convolution
+        groups the runs cut) the layout is blocked with ``reason`` and None is returned.
+        """
+        layout = self.layout(value)
+        if layout is None or factor == 1:
+            return layout
+        spaces = self.spaces
+        roots = {spaces.find(s) for s, _ in layout.segments}
+        members = [s for s in range(len(spaces.parent))
+                   if s not in spaces.retired and spaces.find(s) in roots]  # fmt: skip
+        touched = {n: lay for n, lay in self.layouts.items()
+                   if any(spaces.find(s) in roots for s, _ in lay.segments)}  # fmt: skip
+        fits = all(
+            spaces.size[s] % factor == 0 and (spaces.size[s] // spaces.parts[s]) % factor == 0
+            for s in members
+        ) and all(all(spaces.find(s) in roots for s, _ in lay.segments) for lay in touched.values())
+        if not fits:
+            self.block(layout, reason)
+            return None
+        for member in members:
+            self._coarsen_space(member, factor)
+        for name, lay in touched.items():
+            segments = tuple((s, n // factor) for s, n in lay.segments)
+            self.layouts[name] = replace(lay, segments=segments, block=lay.block * factor)
+        return self.layout(value)
+
+    def _coarsen_space(self, space: int, factor: int) -> None:
+        spaces = self.spaces
+        spaces.size[space] //= factor
+        spaces.slices[space] = [replace(p, block=p.block * factor) for p in spaces.slices[space]]
+        spaces.consumers[space] = [
+            replace(c, start=c.start // factor, stop=c.stop // factor)
+            for c in spaces.consumers[space]
+        ]
+        spaces.counts[space] = [
+            replace(c, per_channel=c.per_channel * factor) for c in spaces.counts[space]
+        ]
+
     def block(self, layout: Layout | None, reason: str) -> None:
         """Mark every space of ``layout`` as not prunable, with the reason."""
         if layout is None:

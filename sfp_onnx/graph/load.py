@@ -213,6 +213,55 @@ class UnshareInitializersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
 
+class FoldConstantViewsPass(ir.passes.InPlacePass):
+    """Turn Unsqueeze / Squeeze / Reshape of an initializer (constant axes or shape) into one.
+
+    Cases: the legacy exporter writes a GroupNorm's scale as ``Mul(x, Unsqueeze(gamma))``;
+    as the [C, 1, 1] initializer it is, the analysis can slice it per channel. Only the
+    layout of the values changes, so the result is exact.
+    """
+
+    _VIEWS = frozenset({"Unsqueeze", "Squeeze", "Reshape"})
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Fold every eligible node; the folded nodes are left for RemoveUnusedNodesPass."""
+        modified = False
+        for node in list(model.graph):
+            array = self._fold(node)
+            if array is None:
+                continue
+            name = _fresh_name(model.graph, f"{node.inputs[0].name}__{node.op_type.lower()}")
+            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+            value.shape, value.dtype = ir.Shape(array.shape), node.inputs[0].dtype
+            model.graph.register_initializer(value)
+            node.outputs[0].replace_all_uses_with(value, replace_graph_outputs=False)
+            modified = True
+        if modified:
+            common_passes.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=modified)
+
+    @classmethod
+    def _fold(cls, node: ir.Node) -> np.ndarray | None:
+        if node.op_type not in cls._VIEWS or node.domain not in ("", "ai.onnx"):
+            return None
+        inputs = [v for v in node.inputs if v is not None]
+        if not inputs or any(v.const_value is None for v in inputs):
+            return None
+        if node.outputs[0].is_graph_output():
+            return None
+        data = inputs[0].const_value.numpy()
+        second = inputs[1].const_value.numpy() if len(inputs) > 1 else None
+        if node.op_type == "Reshape":
+            shape = [d if d != 0 else data.shape[i] for i, d in enumerate(second.tolist())]
+            return data.reshape(shape)
+        axes = second if second is not None else node.attributes.get("axes")
+        axes = [] if axes is None else np.asarray(getattr(axes, "value", axes)).reshape(-1)
+        if node.op_type == "Squeeze":
+            return np.squeeze(data, axis=tuple(int(a) for a in axes) or None)
+        rank = data.ndim + len(axes)
+        return np.expand_dims(data, axis=tuple(sorted(int(a) % rank for a in axes)))
+
+
 class ExplicitSplitSizesPass(ir.passes.InPlacePass):
     """Give every equal Split along a known axis its sizes, as a constant.
 
@@ -271,7 +320,8 @@ def normalize_model(model: ir.Model) -> ir.Model:
     """Apply the semantics-preserving passes the analysis relies on, in place.
 
     Constants become initializers, Identity nodes go (weights that reach a Conv through an
-    Identity become its direct inputs), initializers listed as graph inputs stop being inputs,
+    Identity become its direct inputs), constant Unsqueeze/Squeeze/Reshape become the
+    initializers they make, initializers listed as graph inputs stop being inputs,
     every node gets private initializers, shapes are inferred, reads of static dims (and
     the integer maths on them) become constants, and equal Splits get their sizes.
     """
@@ -282,17 +332,48 @@ def normalize_model(model: ir.Model) -> ir.Model:
             common_passes.RemoveInitializersFromInputsPass(),
             common_passes.RemoveUnusedNodesPass(),
             common_passes.NameFixPass(),
+            FoldConstantViewsPass(),
             UnshareInitializersPass(),
             common_passes.TopologicalSortPass(),
         ]
     )
     passes(model)
     infer_shapes(model)
+    _shape_reshapes_like_their_source(model)
     if fold_static_shape_reads(model):  # a legacy chunk: Slice(x, 0, Shape(x)[1] / 2)
         common_passes.RemoveUnusedNodesPass()(model)
         UnshareInitializersPass()(model)  # one folded end is often the next Slice's start
     ExplicitSplitSizesPass()(model)
     return model
+
+
+def _shape_reshapes_like_their_source(model: ir.Model) -> None:
+    """``Reshape(y, Shape(v))`` has ``v``'s shape; say so where inference could not.
+
+    onnx's data propagation stops at a symbolic batch, so after a legacy GroupNorm
+    (``Reshape(InstanceNorm(Reshape(v, [0, G, -1])), Shape(v))``) every shape is unknown.
+    """
+    for _ in range(8):  # one more GroupNorm sized per round, at most
+        changed = False
+        for node in model.graph:
+            if node.op_type != "Reshape" or node.outputs[0].shape is not None:
+                continue
+            target = node.inputs[1].producer() if len(node.inputs) > 1 else None
+            if target is None or target.op_type != "Shape" or target.attributes.get("end"):
+                continue
+            start = target.attributes.get("start")
+            if (start is None or start.as_int() == 0) and target.inputs[0].shape is not None:
+                node.outputs[0].shape = target.inputs[0].shape
+                changed = True
+        if not changed:
+            return
+        for node in model.graph:  # what inference guessed past the unknown shape, again
+            for value in node.outputs:
+                if value.shape is not None and any(
+                    str(getattr(d, "value", "")).startswith("unk__") for d in value.shape
+                ):
+                    value.shape = None
+        infer_shapes(model)
 
 
 def infer_shapes(model: ir.Model) -> None:

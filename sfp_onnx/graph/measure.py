@@ -324,8 +324,34 @@ def _fix_input_dims(model: onnx.ModelProto, batch_size: int, weights: set[str]) 
     return first[0].dim_value if first else 1
 
 
+# Ops whose output has the input's shape, which onnx's inference does not say for every
+# opset (GroupNormalization-21, a function, comes out without a shape).
+_SHAPE_PRESERVING = frozenset({"GroupNormalization"})
+
+
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Name -> static shape of every value whose shape inference fully determines."""
+    shapes = _run_inference(model)
+    hinted = model
+    for _ in range(sum(n.op_type in _SHAPE_PRESERVING for n in model.graph.node)):
+        hints = [
+            onnx.helper.make_tensor_value_info(
+                node.output[0], onnx.TensorProto.FLOAT, shapes[node.input[0]]
+            )
+            for node in hinted.graph.node
+            if node.op_type in _SHAPE_PRESERVING and node.input[0] in shapes
+            and node.output[0] not in shapes
+        ]  # fmt: skip
+        if not hints:
+            break
+        base, hinted = hinted, onnx.ModelProto()
+        hinted.CopyFrom(base)
+        hinted.graph.value_info.extend(hints)
+        shapes = _run_inference(hinted)
+    return shapes
+
+
+def _run_inference(model: onnx.ModelProto) -> dict[str, Shape]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:

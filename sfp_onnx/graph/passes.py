@@ -347,8 +347,18 @@ def _record_static_shapes(
 
 
 def _fold_static_shape_read(graph: ir.Graph, node: ir.Node) -> bool:
-    """Replace ``Gather(Shape(x), const)`` by a constant when the dims it reads are static."""
-    if node.op_type != "Gather" or len(node.inputs) != 2:
+    """Replace ``Gather(Shape(x), const)``, or ``Shape(x)`` itself, by a constant when the
+    dims it reads are static."""
+    if node.op_type == "Shape" and not node.attributes and node.inputs[0].shape is not None:
+        dims = list(node.inputs[0].shape)
+        if not node.outputs[0].uses():
+            return False  # folded already (the node goes with the unused ones)
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return False
+        folded = _new_initializer(graph, f"{node.outputs[0].name}__static", np.array(dims))
+        node.outputs[0].replace_all_uses_with(folded, replace_graph_outputs=False)
+        return True
+    if node.op_type != "Gather" or len(node.inputs) != 2 or not node.outputs[0].uses():
         return False
     shape_node, indices = node.inputs[0].producer(), _constant(node.inputs[1])
     if shape_node is None or shape_node.op_type != "Shape" or indices is None:

@@ -79,9 +79,9 @@ def _conv_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
     weight = get(node.inputs[1])
     attr = node.attributes.get("group")
     group = 1 if attr is None else attr.value
+    if group == 1:  # per output row; find_zero_channels folds rows into pruning units
+        return _rows_zero(weight, 0) & _bias(node, get, 2, weight.shape[0], out)
     bias = _bias(node, get, 2, out.channels, out)
-    if group == 1:
-        return _rows_zero(weight, 0) & bias
     x = ins[0]
     if x is not None and group == len(x) and weight.shape[0] % group == 0:
         # depthwise, with multiplier m = out.block: output positions c*m .. c*m+m-1 read c
@@ -92,13 +92,14 @@ def _conv_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
 
 
 def _conv_transpose_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
-    return _rows_zero(get(node.inputs[1]), 1) & _bias(node, get, 2, out.channels, out)
+    rows = _rows_zero(get(node.inputs[1]), 1)
+    return rows & _bias(node, get, 2, rows.size, out)
 
 
 def _gemm_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
     trans = node.attributes.get("transB")
-    axis = 0 if trans is not None and trans.value else 1
-    return _rows_zero(get(node.inputs[1]), axis) & _bias(node, get, 2, out.channels, out)
+    rows = _rows_zero(get(node.inputs[1]), 0 if trans is not None and trans.value else 1)
+    return rows & _bias(node, get, 2, rows.size, out)
 
 
 def _matmul_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
@@ -115,6 +116,18 @@ def _instancenorm_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Ve
     scale, shift = (get(v) for v in node.inputs[1:3])
     x = np.repeat(ins[0] if ins[0] is not None else np.zeros(out.channels, bool), out.block)
     return _by_channel(((scale == 0) | x) & (shift == 0), out.block)
+
+
+def _groupnorm_zero(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
+    """A group is zero where its shift is, and its scale or its (whole) input is."""
+
+    def per_group(values: np.ndarray) -> Vector:
+        zero = values.reshape(-1) == 0
+        return _by_channel(zero, out.block) if zero.size > out.channels else zero
+
+    scale, shift = (get(v) for v in node.inputs[1:3])
+    x = ins[0] if ins[0] is not None else np.zeros(out.channels, bool)
+    return (per_group(scale) | x) & per_group(shift)
 
 
 def _keep(node: ir.Node, ins: list, get: Getter, out: Layout) -> Vector:
@@ -189,6 +202,7 @@ ZERO_RULES: dict[str, ZeroRule] = {
     "MatMul": _matmul_zero,
     "BatchNormalization": _batchnorm_zero,
     "InstanceNormalization": _instancenorm_zero,
+    "GroupNormalization": _groupnorm_zero,
     "Clip": _clip_zero,
     "Pad": _pad_zero,
     "Add": _all_zero,
@@ -247,7 +261,10 @@ def find_zero_channels(
             rule = ZERO_RULES.get(node.op_type, _never)
             if rule is _keep and ins[0] is None:
                 rule = _never
-            zeros[out.name] = np.asarray(rule(node, ins, get, layout), dtype=bool)
+            vector = np.asarray(rule(node, ins, get, layout), dtype=bool)
+            if layout.block > 1 and vector.size == layout.channels * layout.block:
+                vector = _by_channel(vector, layout.block)  # a producer's rows, in units
+            zeros[out.name] = vector
     return zeros
 
 
