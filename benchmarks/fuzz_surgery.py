@@ -50,6 +50,7 @@ from tests.fuzz_models import (  # noqa: E402
     ConvSpec,
     DepthwiseSpec,
     GroupedSpec,
+    GroupNormSpec,
     PoolSpec,
     ResidualSpec,
     SESpec,
@@ -90,6 +91,7 @@ def block_names(case) -> list[str]:
         DepthwiseSpec: lambda b: f"stride {b.stride}",
         GroupedSpec: lambda b: f"{b.groups} groups, stride {b.stride}",
         SplitSpec: lambda b: "GLU gate" if b.gate else "two convs, concat",
+        GroupNormSpec: lambda b: f"{b.groups} groups of {b.per_group}",
     }
     names = [f"{BLOCK_KINDS[type(b)]} ({detail[type(b)](b)})" for b in case.spec.blocks]
     head = case.spec.head

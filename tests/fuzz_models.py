@@ -11,7 +11,8 @@ Conv/Gemm of the exactly slimmed model must have.
 Blocks: conv (+BN or bias) + activation; residual with identity or projection shortcut;
 concat of two branches (or of the input and a branch, DenseNet-style), maybe followed by a
 BN over both; depthwise separable; a 1x1 conv then a grouped 3x3 conv (2 or 4 groups, ResNeXt
-style); a split along the channels into two convs and a concat, or into a GLU gate;
+style); a split along the channels into two convs and a concat, or into a GLU gate; a
+conv with a GroupNorm (its channels go a norm group at a time) read by a 1x1 conv;
 squeeze-and-excitation (GAP → 1x1 conv → ReLU → 1x1 conv
 → Sigmoid/HardSigmoid → Mul); max/avg pool; head: GAP or Flatten of a small map → one or
 two Linear layers. Activations: ReLU, ReLU6 (Clip), SiLU, HardSwish, LeakyReLU.
@@ -40,6 +41,7 @@ __all__ = [
     "DepthwiseSpec",
     "FuzzCase",
     "FuzzNet",
+    "GroupNormSpec",
     "GroupedSpec",
     "HeadSpec",
     "NetSpec",
@@ -138,6 +140,16 @@ class SplitSpec:
 
 
 @dataclass(frozen=True)
+class GroupNormSpec:
+    """conv3x3 (+bias) → GroupNorm(``groups`` of ``per_group``) → act → conv1x1 → BN → act."""
+
+    groups: int
+    per_group: int
+    out: int
+    act: str
+
+
+@dataclass(frozen=True)
 class SESpec:
     """x · gate(conv1x1(ReLU(conv1x1(GAP(x))))) with a Sigmoid or HardSigmoid gate."""
 
@@ -206,6 +218,7 @@ BLOCK_KINDS = {
     DepthwiseSpec: "depthwise",
     GroupedSpec: "grouped",
     SplitSpec: "split",
+    GroupNormSpec: "groupnorm",
     SESpec: "se",
     PoolSpec: "pool",
 }
@@ -224,7 +237,7 @@ def _block(draw, channels: int, spatial: int, plain: bool | None) -> tuple[Block
     shortcuts over the graph input or a concatenation are blocked, so they are drawn less.
     """
     pool = spatial >= 2 and plain is not None  # the net starts with a layer that has weights
-    kinds = ["conv", "residual", "concat", "depthwise", "grouped", "split", "se"]
+    kinds = ["conv", "residual", "concat", "depthwise", "grouped", "split", "groupnorm", "se"]
     kinds += ["pool"] if pool else []
     kinds += ["residual"] if plain else []  # stacked residual blocks share one stream
     kind = draw(st.sampled_from(kinds))
@@ -256,6 +269,10 @@ def _block(draw, channels: int, spatial: int, plain: bool | None) -> tuple[Block
         first, gate = draw(_widths), draw(st.booleans())
         second = first if gate else draw(_widths)
         return SplitSpec(first, second, draw(_acts), gate), (first if gate else 8), spatial
+    if kind == "groupnorm":
+        groups = draw(st.sampled_from((2, 4)))
+        spec = GroupNormSpec(groups, draw(st.integers(1, 4)), draw(_widths), draw(_acts))
+        return spec, spec.out, spatial
     if kind == "se":
         gate = draw(st.sampled_from(("sigmoid", "hardsigmoid")))
         return SESpec(draw(st.integers(1, 8)), gate), channels, spatial
@@ -270,9 +287,8 @@ def net_specs(draw, sizes: Sequence[int] = (8, 16), max_blocks: int = 5) -> NetS
     for _ in range(draw(st.integers(min(2, max_blocks), max_blocks))):
         spec, channels, spatial = draw(_block(channels, spatial, plain))
         blocks.append(spec)
-        if isinstance(spec, ConvSpec | DepthwiseSpec | GroupedSpec | SplitSpec | ConcatSpec) or (
-            isinstance(spec, ResidualSpec) and spec.projection
-        ):
+        creates = ConvSpec | DepthwiseSpec | GroupedSpec | SplitSpec | GroupNormSpec | ConcatSpec
+        if isinstance(spec, creates) or (isinstance(spec, ResidualSpec) and spec.projection):
             plain = not isinstance(spec, ConcatSpec)
     flatten = spatial <= 8 and draw(st.booleans())
     hidden = draw(st.one_of(st.none(), _widths))
@@ -472,6 +488,43 @@ class Split(nn.Module):
         return Flow(left.segments + right.segments, np.concatenate([left.zero, right.zero]))
 
 
+class GroupNormUnit(nn.Module):
+    """:class:`GroupNormSpec`: the conv's channels go a norm group at a time (units of
+    ``per_group``), read by a plain 1x1 conv."""
+
+    def __init__(self, cin: int, spec: GroupNormSpec) -> None:
+        super().__init__()
+        width = spec.groups * spec.per_group
+        self.conv = nn.Conv2d(cin, width, 3, 1, 1)
+        self.norm = nn.GroupNorm(spec.groups, width)
+        self.unit = spec.per_group  # zero_channels: positions are norm groups
+        self.act = ACTIVATIONS[spec.act]()
+        self.pw = ConvUnit(width, spec.out, 1, 1, spec.act, "bn")
+        with torch.no_grad():  # not the identity, so zeroing the scale alone is not enough
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.act(self.norm(self.conv(x))))
+
+    def track(self, o: Oracle, x: Flow | None) -> Flow:
+        w, b, u = self.conv.weight, self.conv.bias, self.unit
+        if x is not None:
+            o.reads.append(x)
+        space = o.new(self.norm.num_groups)
+        o.layers.append(("Conv", x, ("units", space, u), tuple(w.shape)))
+
+        def per_group(zero: np.ndarray) -> np.ndarray:
+            return zero.reshape(-1, u).all(axis=1)
+
+        inputs = per_group(rows_zero(w) & bias_zero(b, w.shape[0]))
+        scale, shift = (p.detach().numpy() == 0 for p in (self.norm.weight, self.norm.bias))
+        zero = (per_group(scale) | inputs) & per_group(shift)
+        out = Flow(((space, self.norm.num_groups),), zero, block=u)
+        o.producers.append((out.segments, self))
+        return self.pw.track(o, out)
+
+
 class SqueezeExcite(nn.Module):
     """:class:`SESpec`: the gate's Mul joins the expand conv's channels to the input's."""
 
@@ -547,6 +600,7 @@ _BLOCKS: dict[type, type[nn.Module]] = {
     DepthwiseSpec: Depthwise,
     GroupedSpec: Grouped,
     SplitSpec: Split,
+    GroupNormSpec: GroupNormUnit,
     SESpec: SqueezeExcite,
     PoolSpec: Pool,
 }
@@ -613,13 +667,16 @@ def zero_channels(module: nn.Module, positions: Sequence[int], way: str) -> None
     the way ``way`` says (:data:`WAYS`)."""
     conv = module if isinstance(module, nn.Linear) else getattr(module, "conv", None)
     norm = getattr(module, "norm", None)
-    idx = torch.as_tensor(positions, dtype=torch.long)
+    unit = getattr(module, "unit", 1)  # a GroupNorm's positions are whole norm groups
+    positions = np.asarray(positions, dtype=np.int64)
+    idx = torch.as_tensor((positions[:, None] * unit + np.arange(unit)).reshape(-1))
     if conv is not None and way in ("sfp", "row", "row_only", "no_mean"):
         conv.weight[idx] = 0
         if conv.bias is not None and way != "row_only":
             conv.bias[idx] = 0
     for name in _NORM_PARAMS.get(way, ()) if norm is not None else ():
-        getattr(norm, name)[idx] = 0
+        if getattr(norm, name, None) is not None:  # a GroupNorm has no running mean
+            getattr(norm, name)[idx] = 0
 
 
 def _has_norm(module: nn.Module) -> bool:

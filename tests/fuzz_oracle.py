@@ -188,7 +188,10 @@ def expected_layers(net: FuzzNet, kept: Mapping[int, int] | None = None) -> list
 
     shapes = []
     for op, x, space, shape, *groups in oracle.layers:
-        if isinstance(space, tuple):  # an output read as two pieces (a channel split)
+        if isinstance(space, tuple) and space[0] == "units":  # rows in norm groups of n
+            _, unit_space, n = space
+            after = (kept[oracle.find(unit_space)] * n, width(x, shape[1]), *shape[2:])
+        elif isinstance(space, tuple):  # an output read as two pieces (a channel split)
             after = (sum(kept[oracle.find(s)] for s in space), width(x, shape[1]), *shape[2:])
         elif space is None:  # depthwise: its channels are its input's
             after = (width(x, shape[0]), 1, *shape[2:])
