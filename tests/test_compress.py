@@ -276,3 +276,20 @@ def test_compress_a_group_norm_net_removes_whole_norm_groups(tmp_path):
     assert report.verification.exact
     assert sorted(g.kept for g in report.groups if g.prunable) == [3, 3]  # groups of 4
     assert report.after.macs < 0.7 * report.before.macs
+
+
+@pytest.mark.parametrize("kind", ["glu", "branches"])
+def test_compress_through_channel_splits(tmp_path, kind):
+    """A GLU gate (the halves of one conv joined channel by channel) and a split into two
+    branches: soft masks at the pieces' consumers train, and the file written is exact."""
+    from tests.exports import ChannelSplitNet, export, randomize_norms
+
+    torch.manual_seed(0)
+    source = export(randomize_norms(ChannelSplitNet(kind)), tmp_path / "split.onnx", size=32)
+    report = sfp_onnx.compress(
+        source, tmp_path / "slim.onnx", sfp=SfpConfig(rate=0.3, round_to=None),
+        data=_data(train_limit=128, eval_limit=64), training=TrainConfig(epochs=1, workers=0),
+        options=CompressOptions(workdir=tmp_path / "w", bench=False),
+    )  # fmt: skip
+    assert report.verification.exact
+    assert report.after.macs < 0.7 * report.before.macs

@@ -14,6 +14,7 @@ which the import never changes. Unsupported ops are listed, with their versions,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,14 @@ from sfp_onnx.errors import UnsupportedModelError
 from sfp_onnx.graph.passes import BATCH_STATISTICS, prepare_training_graph
 
 __all__ = ["ImportedModel", "TensorLink", "import_model", "unsupported_ops", "write_back"]
+
+# onnx2torch 1.5.15's Slice indexes with a list (x[[slice, slice]]), which torch still reads
+# as a tuple but warns about on every forward pass; the import is checked against
+# onnxruntime, so a change in that reading would be caught, not silently trained.
+warnings.filterwarnings(
+    "ignore", message="Using a non-tuple sequence for multidimensional indexing",
+    category=UserWarning, module="onnx2torch",
+)  # fmt: skip
 
 # Inputs of a node that onnx2torch stores as attributes of the node's torch module.
 _MODULE_TENSORS: dict[str, dict[int, str]] = {
