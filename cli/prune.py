@@ -151,9 +151,14 @@ def slim(model: str, output: str, report: str | None, external_data: bool | None
 @_output_opt
 @click.option(
     "--rate",
-    required=True,
     type=float,
     help="Fraction of each group's channels to remove, in [0, 1).",
+)
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(dir_okay=False),
+    help="Instead of --rate: the per-group widths of a plan (`sfp-onnx plan`).",
 )
 @click.option(
     "--criterion",
@@ -175,8 +180,8 @@ def slim(model: str, output: str, report: str | None, external_data: bool | None
 )
 @_report_opt
 @_external_data_opt
-def prune(model: str, output: str, rate: float, criterion: str, round_to: int | str | None,
-          save_masked: str | None, report: str | None,
+def prune(model: str, output: str, rate: float | None, plan_path: str | None, criterion: str,
+          round_to: int | str | None, save_masked: str | None, report: str | None,
           external_data: bool | None) -> None:  # fmt: skip
     """One-shot pruning without training: zero the weakest channels, then slim.
 
@@ -190,10 +195,11 @@ def prune(model: str, output: str, rate: float, criterion: str, round_to: int | 
     Examples:
       sfp-onnx prune model.onnx --rate 0.3 -o model.slim.onnx
       sfp-onnx prune model.onnx --rate 0.5 --round-to none --criterion fpgm -o slim.onnx
+      sfp-onnx prune model.onnx --plan plan.json -o model.slim.onnx
     """
     with status("pruning"):
         result = sfp_onnx.prune(
-            model, output, rate=rate, criterion=criterion, round_to=round_to,
+            model, output, rate=rate, plan=plan_path, criterion=criterion, round_to=round_to,
             save_masked=save_masked, report=report, external_data=external_data,
         )  # fmt: skip
     render_report(result)

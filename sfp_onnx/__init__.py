@@ -19,6 +19,7 @@ __all__ = [
     "BenchConfig",
     "CompressOptions",
     "DataConfig",
+    "Plan",
     "SfpConfig",
     "TrainConfig",
     "__version__",
@@ -26,8 +27,10 @@ __all__ = [
     "benchmark",
     "compress",
     "evaluate_onnx",
+    "make_plan",
     "measure_model",
     "prune",
+    "read_plan",
     "slim",
 ]
 
@@ -45,6 +48,9 @@ _LAZY = {
     "BenchConfig": "sfp_onnx.runtime.bench",
     "benchmark": "sfp_onnx.runtime.bench",
     "measure_model": "sfp_onnx.graph.measure",
+    "make_plan": "sfp_onnx.planning",
+    "read_plan": "sfp_onnx.planning",
+    "Plan": "sfp_onnx.planning",
 }
 
 

@@ -27,6 +27,7 @@ from sfp_onnx.graph.measure import count_layer_costs, measure_model, uncounted_o
 from sfp_onnx.graph.rewrite import rewrite_model
 from sfp_onnx.graph.soft_prune import CRITERIA, prune_count, soft_prune_model
 from sfp_onnx.graph.zeros import removable_channels
+from sfp_onnx.planning import Plan, read_plan
 from sfp_onnx.report import AnalysisReport, Report, summarize_group
 from sfp_onnx.runtime.target import resolve_round_to
 from sfp_onnx.runtime.verify import verify_models
@@ -141,7 +142,8 @@ def prune(
     model: PathLike,
     output: PathLike,
     *,
-    rate: float,
+    rate: float | None = None,
+    plan: Plan | PathLike | None = None,
     criterion: str = "l2",
     round_to: int | str | None = None,
     save_masked: PathLike | None = None,
@@ -154,6 +156,9 @@ def prune(
         model: input ONNX file (only read).
         output: where the slim model goes.
         rate: fraction of each prunable group's channels to remove, in [0, 1).
+        plan: instead of ``rate``, per-group widths (a :class:`~sfp_onnx.planning.Plan` or
+            its JSON file, from :func:`sfp_onnx.planning.make_plan` / ``sfp-onnx plan``);
+            its rounding replaces ``round_to``.
         criterion: ``l2`` (SFP's default), ``l1`` or ``fpgm``.
         round_to: keep a multiple of this many channels per group (fast kernels want 8/16);
             ``"auto"``: the multiple this machine's fast kernels want (see
@@ -162,18 +167,27 @@ def prune(
         report: also write the report JSON here.
         external_data: write the weights to ``<output>.data`` (None: only above 1.8 GB).
     """
-    if not 0.0 <= rate < 1.0:
+    if (rate is None) == (plan is None):
+        raise UsageError("give exactly one of --rate and --plan")
+    if rate is not None and not 0.0 <= rate < 1.0:
         raise UsageError(f"--rate must be in [0, 1), got {rate}")
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    multiple = resolve_round_to(round_to)
+    if plan is not None and not isinstance(plan, Plan):
+        plan = read_plan(plan)
+    multiple = plan.round_to if plan is not None else resolve_round_to(round_to)
     outputs = Outputs(output, report=report, masked=save_masked, external_data=external_data)
     outputs.check(model)
     masked = load_model(model)
     analysis = analyze_model(masked)
-    soft_prune_model(masked, analysis.groups, rate=rate, criterion=criterion, round_to=multiple)
+    counts = plan.removed_counts(analysis) if plan is not None else None
+    soft_prune_model(masked, analysis.groups, rate=rate or 0.0, criterion=criterion,
+                     round_to=multiple, counts=counts)  # fmt: skip
     settings = {"rate": rate, "criterion": criterion, "round_to": multiple}
-    if round_to == "auto":
+    if plan is not None:
+        settings = {"plan": plan.target, "criterion": criterion, "round_to": multiple,
+                    "predicted_macs": round(plan.predicted_macs)}  # fmt: skip
+    if round_to == "auto" and plan is None:
         settings["round_to_requested"] = "auto"
     return write_pruned(
         masked, analysis, source=model, outputs=outputs, command="prune", settings=settings

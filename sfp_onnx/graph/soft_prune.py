@@ -154,8 +154,11 @@ def soft_prune_model(
     rate: float,
     criterion: str = "l2",
     round_to: int | None = None,
+    counts: Mapping[int, int] | None = None,
 ) -> dict[int, np.ndarray]:
     """Zero the least important channels of every prunable group of ``model``, in place.
+
+    ``counts`` (group id -> channels to zero, from a plan) replaces the rate where given.
 
     Returns:
         The zeroed channel indices per group id.
@@ -167,6 +170,8 @@ def soft_prune_model(
         if not group.prunable or not group.filters:
             continue
         count = prune_count(group.channels, rate, round_to, group.parts)
+        if counts is not None:
+            count = counts.get(group.id, 0)
         chosen[group.id] = select_channels(
             score_group(group, arrays, criterion), count, group.parts
         )

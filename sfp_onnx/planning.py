@@ -1,0 +1,174 @@
+"""Plans: per-group widths chosen for a budget, that ``prune --plan`` applies.
+
+This module owns the :class:`Plan` record (what a user reads, edits and passes back), its JSON
+form, and :func:`make_plan`, which loads a model, predicts its MACs for any widths
+(:class:`~sfp_onnx.graph.allocate.MacsModel`) and lets
+:func:`~sfp_onnx.graph.allocate.allocate_widths` choose them for a MACs target. A plan names
+each group by id *and* by the layers that create its channels, so applying it to another
+model (or an edited one) is refused in one line instead of pruning the wrong channels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from sfp_onnx._io import write_json
+from sfp_onnx._version import __version__
+from sfp_onnx.errors import UsageError
+from sfp_onnx.graph.allocate import MacsModel, allocate_widths, width_step
+from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.groups import Analysis
+from sfp_onnx.graph.load import load_model
+from sfp_onnx.graph.measure import count_layer_costs
+from sfp_onnx.graph.soft_prune import CRITERIA
+from sfp_onnx.runtime.target import resolve_round_to
+
+__all__ = ["Plan", "PlanGroup", "make_plan", "read_plan"]
+
+PathLike = str | os.PathLike
+_FORMAT = "sfp-onnx plan 1"
+
+
+@dataclass(frozen=True)
+class PlanGroup:
+    """One channel group of the plan: its width now and the width it keeps."""
+
+    id: int
+    channels: int
+    kept: int
+    step: int
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-group widths for a model, and what they were chosen for.
+
+    Attributes:
+        model: the ONNX file the plan was made for.
+        target: what was asked (``{"macs": 0.5}``: keep half the MACs).
+        round_to, max_rate, criterion: the allocation's settings.
+        groups: the prunable groups, each with the width it keeps.
+        full_macs: the model's MACs; predicted_macs: the prediction for the plan's widths.
+        reached: False when every group is at its floor and the target is still above.
+    """
+
+    model: str
+    target: dict[str, float]
+    round_to: int | None
+    max_rate: float
+    criterion: str
+    groups: tuple[PlanGroup, ...]
+    full_macs: int
+    predicted_macs: float
+    reached: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (what ``plan -o`` writes and ``prune --plan`` reads)."""
+        data = asdict(self)
+        data["groups"] = [{**asdict(g), "layers": list(g.layers)} for g in self.groups]
+        return {"format": _FORMAT, "sfp_onnx": __version__, **data}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        """The plan a :meth:`to_json` dict describes."""
+        if data.get("format") != _FORMAT:
+            raise UsageError(f"not an sfp-onnx plan (format {data.get('format')!r})")
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "groups"}
+        groups = tuple(PlanGroup(**{**g, "layers": tuple(g["layers"])}) for g in data["groups"])
+        return cls(**fields, groups=groups)
+
+    def removed_counts(self, analysis: Analysis) -> dict[int, int]:
+        """Channels to remove per group id of ``analysis``, checked against the plan.
+
+        Raises:
+            UsageError: the model's groups are not the ones the plan was made for.
+        """
+        groups = {g.id: g for g in analysis.groups}
+        counts = {}
+        for planned in self.groups:
+            group = groups.get(planned.id)
+            if group is None or group.layers != planned.layers or not group.prunable:
+                raise UsageError(
+                    f"the plan does not fit this model: its group {planned.id} "
+                    f"({', '.join(planned.layers[:2]) or 'no layer'}) is not one of the model's "
+                    "prunable groups; make the plan for this model with `sfp-onnx plan`"
+                )
+            whole = planned.kept == group.channels
+            if not whole and (planned.kept % planned.step or not 0 < planned.kept < group.channels):
+                raise UsageError(
+                    f"the plan keeps {planned.kept} of group {planned.id}'s {group.channels} "
+                    f"channels; a width must be all of them or a multiple of {planned.step} "
+                    "below that"
+                )
+            counts[planned.id] = group.channels - planned.kept
+        return counts
+
+
+def make_plan(
+    model: PathLike,
+    *,
+    target_macs: float,
+    round_to: int | str | None = None,
+    max_rate: float = 0.7,
+    criterion: str = "l2",
+    output: PathLike | None = None,
+) -> Plan:
+    """Choose per-group widths that keep ``target_macs`` of the model's MACs.
+
+    Args:
+        model: the ONNX file (only read).
+        target_macs: fraction of the MACs to keep, in (0, 1].
+        round_to: kept widths are multiples of this (``"auto"``: this machine's kernels).
+        max_rate: no group loses more than this fraction of its channels.
+        criterion: the filter score behind the choice (``l2``, ``l1``, ``fpgm``).
+        output: also write the plan's JSON here.
+    """
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    multiple = resolve_round_to(round_to)
+    ir_model = load_model(model)
+    analysis = analyze_model(ir_model)
+    macs_model = MacsModel(
+        ir_model, analysis, count_layer_costs(ir.serde.serialize_model(ir_model))
+    )
+    allocation = allocate_widths(
+        ir_model, analysis, macs_model, target_fraction=target_macs, round_to=multiple,
+        max_rate=max_rate, criterion=criterion,
+    )  # fmt: skip
+    groups = {g.id: g for g in analysis.groups}
+    plan = Plan(
+        model=str(model), target={"macs": target_macs}, round_to=multiple, max_rate=max_rate,
+        criterion=criterion,
+        groups=tuple(
+            PlanGroup(gid, groups[gid].channels, kept, width_step(groups[gid], multiple),
+                      groups[gid].layers)
+            for gid, kept in sorted(allocation.kept.items())
+        ),
+        full_macs=allocation.full_macs, predicted_macs=allocation.predicted_macs,
+        reached=allocation.reached,
+    )  # fmt: skip
+    if output is not None:
+        write_json(output, plan.to_json())
+    return plan
+
+
+def read_plan(path: PathLike) -> Plan:
+    """The plan in a JSON file written by ``sfp-onnx plan`` (one-line errors otherwise)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"plan file {path} not found") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read plan file {path}: {exc}") from None
+    try:
+        return Plan.from_json(data)
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"plan file {path} is incomplete or malformed ({exc})") from None
