@@ -122,7 +122,8 @@ def test_stage_packages_exist() -> None:
         assert ast.get_docstring(ast.parse(init.read_text())), f"{init} has no docstring"
     flat = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert flat == [
-        "__init__.py", "_io.py", "_version.py", "api.py", "errors.py", "pipeline.py", "plots.py",
+        "__init__.py", "_io.py", "_version.py", "api.py", "errors.py", "pipeline.py", "planning.py",
+        "plots.py",
         "report.py", "run_record.py",
     ]  # fmt: skip
 

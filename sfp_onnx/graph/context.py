@@ -17,7 +17,18 @@ import onnx_ir as ir
 
 from sfp_onnx.graph.groups import ChannelSlice, ConsumerPoint, CountDependency, Layout, SliceKind
 
-__all__ = ["AnalysisContext", "SpaceRecords"]
+__all__ = ["AnalysisContext", "SpaceRecords", "int_list", "node_attribute"]
+
+
+def node_attribute(node: ir.Node, name: str, default=None):
+    """The value of ``node``'s attribute ``name``, or ``default`` when it is absent."""
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def int_list(value) -> list[int]:
+    """An integer array (or attribute value) as a flat list of ints."""
+    return [int(v) for v in np.asarray(value).reshape(-1)]
 
 
 class SpaceRecords:
