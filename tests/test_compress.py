@@ -228,11 +228,7 @@ def test_compress_a_resnext_style_net_keeps_every_conv_group_equal(tmp_path):
 
     torch.manual_seed(0)
     source = export(randomize_norms(GroupedNet(width=16)), tmp_path / "grouped.onnx", size=32)
-    report = sfp_onnx.compress(
-        source, tmp_path / "slim.onnx", sfp=SfpConfig(rate=0.3, round_to=None),
-        data=_data(train_limit=128, eval_limit=64), training=TrainConfig(epochs=1, workers=0),
-        options=CompressOptions(workdir=tmp_path / "w", bench=False),
-    )  # fmt: skip
+    report = _compress_small(source, tmp_path)
     assert report.verification.exact
     assert sorted(g.kept for g in report.groups if g.prunable) == [12, 12, 12, 18]
     slim = onnx.load(str(tmp_path / "slim.onnx"))
@@ -268,11 +264,7 @@ def test_compress_a_group_norm_net_removes_whole_norm_groups(tmp_path):
 
     torch.manual_seed(0)
     source = export(GroupNormNet(width=16), tmp_path / "gn.onnx", size=32)
-    report = sfp_onnx.compress(
-        source, tmp_path / "slim.onnx", sfp=SfpConfig(rate=0.3, round_to=None),
-        data=_data(train_limit=128, eval_limit=64), training=TrainConfig(epochs=1, workers=0),
-        options=CompressOptions(workdir=tmp_path / "w", bench=False),
-    )  # fmt: skip
+    report = _compress_small(source, tmp_path)
     assert report.verification.exact
     assert sorted(g.kept for g in report.groups if g.prunable) == [3, 3]  # groups of 4
     assert report.after.macs < 0.7 * report.before.macs
@@ -286,10 +278,15 @@ def test_compress_through_channel_splits(tmp_path, kind):
 
     torch.manual_seed(0)
     source = export(randomize_norms(ChannelSplitNet(kind)), tmp_path / "split.onnx", size=32)
-    report = sfp_onnx.compress(
+    report = _compress_small(source, tmp_path)
+    assert report.verification.exact
+    assert report.after.macs < 0.7 * report.before.macs
+
+
+def _compress_small(source, tmp_path):
+    """One epoch on 128 real images at rate 0.3, no rounding: the pattern tests' budget."""
+    return sfp_onnx.compress(
         source, tmp_path / "slim.onnx", sfp=SfpConfig(rate=0.3, round_to=None),
         data=_data(train_limit=128, eval_limit=64), training=TrainConfig(epochs=1, workers=0),
         options=CompressOptions(workdir=tmp_path / "w", bench=False),
     )  # fmt: skip
-    assert report.verification.exact
-    assert report.after.macs < 0.7 * report.before.macs
