@@ -327,19 +327,47 @@ def test_interrupted_and_resumed_run_is_bit_identical(
     assert without_seconds(resumed.epochs) == without_seconds(straight.epochs)
 
 
-def test_sigterm_before_the_first_checkpoint(data: Datasets, tmp_path: Path) -> None:
-    """SIGTERM stops like Ctrl-C; with nothing saved the message says to start over."""
-    handler = signal.getsignal(signal.SIGTERM)
+class SignalAt(TrainingHook):
+    """A hook that sends this process ``signum`` after step ``step`` (or at an epoch end)."""
 
-    def terminate(_epoch: int, _net: nn.Module) -> dict:
-        os.kill(os.getpid(), signal.SIGTERM)
+    def __init__(self, signum: int, step: int | None = None, epoch: int | None = None) -> None:
+        self.signum, self.step, self.epoch, self.steps_after = signum, step, epoch, 0
+
+    def after_step(self, step: int) -> None:
+        if self.step is not None and step >= self.step:
+            self.steps_after += 1
+            if step == self.step:
+                os.kill(os.getpid(), self.signum)
+
+    def epoch_end(self, epoch: int) -> dict:
+        if epoch == self.epoch:
+            os.kill(os.getpid(), self.signum)
         return {}
 
-    net = tiny_net()
+
+def test_sigterm_before_the_first_checkpoint(data: Datasets, tmp_path: Path) -> None:
+    """SIGTERM stops like Ctrl-C, at the end of the step it came in; with nothing saved the
+    message says to start over."""
+    handler = signal.getsignal(signal.SIGTERM)
+    hook = SignalAt(signal.SIGTERM, step=2)
     with pytest.raises(TrainingInterrupted, match="before the first checkpoint"):
-        train(net, data.train, None, CONFIG, workdir=tmp_path, hooks=[EpochEnd(terminate, net)])
+        train(tiny_net(), data.train, None, CONFIG, workdir=tmp_path, hooks=[hook])
+    assert hook.steps_after == 1  # no step ran after the one the signal came in
     assert not (tmp_path / CHECKPOINT).exists()
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_epoch_end_work_keeps_that_epoch(
+    data: Datasets, tmp_path: Path, signum: int
+) -> None:
+    """A signal while an epoch's end work runs (re-selection, evaluation, the save) lets that
+    epoch finish and be saved, then stops before the next one's first step."""
+    config = replace(CONFIG, epochs=3)
+    with pytest.raises(TrainingInterrupted, match=r"epoch 2; the last checkpoint \(epoch 1\)"):
+        train(tiny_net(), data.train, None, config, workdir=tmp_path,
+              hooks=[SignalAt(signum, epoch=1)])  # fmt: skip
+    assert load_checkpoint(tmp_path)["epoch"] == 1
 
 
 @pytest.fixture(scope="module")

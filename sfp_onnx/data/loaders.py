@@ -9,9 +9,11 @@ how they are transformed is :mod:`sfp_onnx.data.datasets`'.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import threading
+import weakref
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -101,13 +103,40 @@ class _StoppableLoader(DataLoader):
     """
 
     def __iter__(self):
-        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        if self.num_workers == 0:
             return super().__iter__()
+        if threading.current_thread() is not threading.main_thread():
+            return _tracked(super().__iter__())
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            return super().__iter__()
+            return _tracked(super().__iter__())
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+# Iterators whose worker processes may still run. Workers ignore SIGTERM, so multiprocessing's
+# exit handler (terminate, then join every child) would wait forever on the workers of an
+# iterator still referenced at exit — an interrupt's traceback keeps the loop's frame alive, so
+# the stop hung whenever no garbage collection had freed it first. The handler below shuts them
+# down first (atexit runs handlers last-registered first, and this one registers after
+# multiprocessing's, imported by torch.utils.data).
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HANDLER_REGISTERED = False
+
+
+def _tracked(iterator):
+    global _EXIT_HANDLER_REGISTERED
+    if hasattr(iterator, "_shutdown_workers"):
+        _LIVE_ITERATORS.add(iterator)
+        if not _EXIT_HANDLER_REGISTERED:
+            atexit.register(_shut_down_live_workers)
+            _EXIT_HANDLER_REGISTERED = True
+    return iterator
+
+
+def _shut_down_live_workers() -> None:
+    for iterator in list(_LIVE_ITERATORS):
+        iterator._shutdown_workers()  # idempotent; tells the workers to stop, then joins them
 
 
 def _leave_stop_signals_to_the_parent(_worker_id: int) -> None:

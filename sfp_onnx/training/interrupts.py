@@ -1,10 +1,14 @@
-"""Stopping a training run cleanly: SIGTERM as Ctrl-C, and what to tell the user after either.
+"""Stopping a training run cleanly: Ctrl-C and SIGTERM at safe points, and the words after.
 
-This module owns how an interrupt reaches the loop and how it is worded. SIGTERM (what
-``timeout``, ``kill``, a scheduler or torchrun sends) raises KeyboardInterrupt in the main
-thread, as Ctrl-C does; the loop (:mod:`sfp_onnx.training.train`) catches it between saves,
-so the last completed epoch stays on disk, and raises :class:`TrainingInterrupted` with
-what is saved and how to continue.
+This module owns how an interrupt reaches the loop and how it is worded. While training,
+Ctrl-C and SIGTERM (what ``timeout``, ``kill``, a scheduler or torchrun sends) only set a flag;
+the loop (:mod:`sfp_onnx.training.train`) calls :func:`stop_point` between steps and between
+evaluation batches, which raises KeyboardInterrupt there. Raised from the signal handler itself,
+the interrupt could land between a lock's acquire and its ``with`` block (a DataLoader queue's,
+say) and leave the lock held, so that shutting the loader's workers down hung forever. A second
+signal raises at once, for a user who insists. The loop catches the interrupt between saves, so
+the last completed epoch stays on disk, and raises :class:`TrainingInterrupted` with what is
+saved and how to continue.
 """
 
 from __future__ import annotations
@@ -17,24 +21,40 @@ from pathlib import Path
 
 from sfp_onnx.errors import TrainingInterrupted
 
-__all__ = ["interrupted", "last_checkpoint", "sigterm_raises_interrupt"]
+__all__ = ["interrupted", "last_checkpoint", "stop_point", "stops_at_safe_points"]
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stop_requested = threading.Event()
 
 
 @contextlib.contextmanager
-def sigterm_raises_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt while training (signals only reach the main thread)."""
+def stops_at_safe_points() -> Iterator[None]:
+    """Ctrl-C and SIGTERM request a stop that :func:`stop_point` raises (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+    def request_stop(_signum: int, _frame: object) -> None:
+        if _stop_requested.is_set():
+            raise KeyboardInterrupt  # the second signal: stop now
+        _stop_requested.set()
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    _stop_requested.clear()
+    previous = {number: signal.signal(number, request_stop) for number in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _stop_requested.clear()
+
+
+def stop_point() -> None:
+    """Raise KeyboardInterrupt if a stop was requested (see :func:`stops_at_safe_points`)."""
+    if _stop_requested.is_set():
+        _stop_requested.clear()
+        raise KeyboardInterrupt
 
 
 def last_checkpoint(saved: int, path: Path) -> str:

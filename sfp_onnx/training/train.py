@@ -52,7 +52,12 @@ from sfp_onnx.training.checkpoint import (
 )
 from sfp_onnx.training.distributed import Ranks
 from sfp_onnx.training.hooks import TrainingHook
-from sfp_onnx.training.interrupts import interrupted, last_checkpoint, sigterm_raises_interrupt
+from sfp_onnx.training.interrupts import (
+    interrupted,
+    last_checkpoint,
+    stop_point,
+    stops_at_safe_points,
+)
 from sfp_onnx.training.metrics import METRICS, EpochRecord, LossWatch, write_metrics
 from sfp_onnx.training.objectives import CrossEntropy
 
@@ -262,9 +267,10 @@ def train(
         hook.start(steps_per_epoch(len(train_set), config.batch_size), config.epochs)
     if done < config.epochs:
         emit(ProgressEvent("note", done, message=_start_note(run, done, train_set)))
-    with sigterm_raises_interrupt():
+    with stops_at_safe_points():
         for epoch in range(done + 1, config.epochs + 1):
             try:
+                stop_point()  # a stop asked for during the last save or epoch-end hooks
                 record = _run_epoch(run, train_set, eval_set, epoch)
                 _save(run, path, [*history, record], settings)
             except KeyboardInterrupt:  # epoch - 1 is the last one saved (0: none yet)
@@ -273,6 +279,7 @@ def train(
                 raise TrainingDiverged(f"{exc}; {last_checkpoint(epoch - 1, path)}") from None
             history.append(record)
             emit(_epoch_event(record, config.epochs))
+        stop_point()  # asked for after the last step: training is done and saved
     distributed.restore_batchnorm(run.synced_norms)
     module.to(memory_format=torch.contiguous_format)
     resumed_from = checkpoint["epoch"] if checkpoint else None
@@ -410,6 +417,7 @@ def _train_epoch(run: _Run, dataset: Dataset, epoch: int) -> tuple[float, float,
         logits, loss = _step(run, images, targets)
         for hook in run.hooks:
             hook.after_step(done + 1)
+        stop_point()
         sums[0] += loss.detach().double() * len(targets)
         sums[1] += (logits.argmax(1) == targets).sum()
         sums[2] += len(targets)
@@ -454,6 +462,7 @@ def _evaluate(run: _Run, dataset: Dataset, epoch: int) -> float:
     )
 
     def progress(done: int, total: int) -> None:
+        stop_point()
         run.emit(ProgressEvent("eval", epoch, done, total))
 
     with _autocast(run):
