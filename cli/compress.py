@@ -165,8 +165,21 @@ _OUTPUTS = _options(
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the slim model.")  # fmt: skip
-@click.option("--rate", required=True, type=float,
+@click.option("--rate", type=float,
               help="Fraction of each group's channels to remove, in [0, 1).")  # fmt: skip
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
+              help="Instead of --rate: per-group widths from `sfp-onnx plan` (each group "
+              "ramps to its own width).")  # fmt: skip
+@click.option("--target-macs", type=float,
+              help="Instead of --rate: plan per-group widths that keep this fraction of the "
+              "MACs (as `sfp-onnx plan --target-macs`), then train to them.")  # fmt: skip
+@click.option("--target-speedup", type=float,
+              help="Instead of --rate: plan widths whose file runs this many times faster "
+              "(timed as `plan --target-speedup`, at --bench-batch).")  # fmt: skip
+@click.option("--target-latency-ms", type=float,
+              help="Instead of --rate: plan widths whose file runs under this (ms).")  # fmt: skip
+@click.option("--max-rate", type=float, default=0.7, show_default=True,
+              help="With a target: no group loses more than this fraction.")  # fmt: skip
 @_DATA
 @_TRAINING
 @_PRUNING
@@ -195,13 +208,14 @@ def compress(model: str, output: str, **opts) -> None:
       sfp-onnx compress model.onnx --rate 0.4 --data imagefolder --data-root ./images \\
           --epochs 20 --lr 0.005 --report-dir report/ -o model.slim.onnx
       sfp-onnx compress model.onnx --rate 0.3 --data cifar10 --workdir run1 --resume -o s.onnx
+      sfp-onnx compress model.onnx --target-macs 0.5 --data cifar10 -o model.slim.onnx
       torchrun --nproc-per-node 4 -m sfp_onnx.cli compress model.onnx --rate 0.3 \\
           --data imagefolder --data-root ./images --batch-size 512 -o model.slim.onnx
     """
     from sfp_onnx.pipeline import compress as run_compress
     from sfp_onnx.training.distributed import environment_rank
 
-    configs = _configs(opts)
+    configs = _configs(model, opts)
     if environment_rank() != 0:  # under torchrun: trains along, rank 0 reports
         run_compress(model, output, **configs(None))
         return
@@ -210,10 +224,13 @@ def compress(model: str, output: str, **opts) -> None:
     _summary(result)
 
 
-def _configs(opts: dict):
+def _configs(model: str, opts: dict):
     """The library's configs from the options (validated as they are built)."""
+    from dataclasses import replace
+
     from sfp_onnx.data.datasets import DataConfig
     from sfp_onnx.pipeline import CompressOptions
+    from sfp_onnx.planning import resolve_plan
     from sfp_onnx.training.objectives import DistillConfig
     from sfp_onnx.training.sfp import SfpConfig
     from sfp_onnx.training.train import TrainConfig
@@ -224,7 +241,19 @@ def _configs(opts: dict):
         val_split=opts["val_split"], seed=opts["seed"], augment=opts["augment"],
         decode=opts["decode"],
     )  # fmt: skip
-    sfp = SfpConfig(**{k: opts[k] for k in _SFP_KEYS})
+    from sfp_onnx.speed_targets import default_cache_dir
+
+    provider = "cpu" if opts["provider"] == "auto" else opts["provider"]
+    plan = resolve_plan(
+        model, rate=opts["rate"], plan=opts["plan_path"], target_macs=opts["target_macs"],
+        target_speedup=opts["target_speedup"], target_latency_ms=opts["target_latency_ms"],
+        speed={"round_to": opts["round_to"], "max_rate": opts["max_rate"],
+               "criterion": opts["criterion"], "batch": opts["bench_batch"],
+               "provider": provider, "cache_dir": default_cache_dir()},
+    )  # fmt: skip
+    sfp = SfpConfig(**{**{k: opts[k] for k in _SFP_KEYS}, "rate": opts["rate"] or 0.0})
+    if plan is not None:  # the plan's widths, its rounding; rate: its share, for the record
+        sfp = replace(sfp, plan=plan, rate=plan.removed_share, round_to=plan.round_to)
     training = TrainConfig(
         epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
         weight_decay=opts["weight_decay"], schedule=opts["lr_schedule"], device=opts["device"],
@@ -271,6 +300,13 @@ def _summary(result) -> None:
             f"latency (onnxruntime {lat['provider']}, batch {lat['batch_size']}, p50 of "
             f"{lat['runs']} interleaved runs): {lat['before']:.2f} ms -> {lat['after']:.2f} ms "
             f"({lat['before'] / lat['after']:.2f}x)"
+        )
+    measured = (result.settings.get("pruning", {}).get("plan") or {}).get("measured")
+    if measured and "latency_ms" in extra:
+        lat = extra["latency_ms"]
+        console.print(
+            f"speed target: {measured['speedup']:.2f}x when planned, "
+            f"{lat['before'] / lat['after']:.2f}x measured now on the file written"
         )
     settings = result.settings
     if settings.get("outputs", {}).get("report_dir"):

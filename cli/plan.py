@@ -1,4 +1,4 @@
-"""``sfp-onnx plan``: per-group widths for a MACs budget, as a table and a JSON plan."""
+"""``sfp-onnx plan``: per-group widths for a MACs or speed budget, as a table and a JSON plan."""
 
 from __future__ import annotations
 
@@ -15,8 +15,16 @@ __all__ = ["plan"]
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option(
-    "--target-macs", required=True, type=float,
+    "--target-macs", type=float,
     help="Fraction of MODEL's multiply-adds to keep, in (0, 1]: 0.5 halves them.",
+)  # fmt: skip
+@click.option(
+    "--target-speedup", type=float,
+    help="Instead: run this many times faster, timed in onnxruntime on this machine.",
+)  # fmt: skip
+@click.option(
+    "--target-latency-ms", type=float,
+    help="Instead: run under this many milliseconds per batch (timed as --target-speedup).",
 )  # fmt: skip
 @round_to_option(
     help="Kept widths are multiples of K (and of a grouped conv's groups); auto: what this "
@@ -31,12 +39,28 @@ __all__ = ["plan"]
     help="The filter scores the choice weighs (as prune uses them).",
 )  # fmt: skip
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False),
-    help="Write the plan as JSON here (for `sfp-onnx prune --plan`).",
+    "--bench-batch", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Speed targets: the batch size the latency is timed at.",
 )  # fmt: skip
-def plan(model: str, target_macs: float, round_to, max_rate: float, criterion: str,
-         output: str | None) -> None:  # fmt: skip
-    """Choose how many channels each group of MODEL keeps, to meet a MACs budget.
+@click.option(
+    "--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
+    show_default=True, help="Speed targets: the onnxruntime provider timed.",
+)  # fmt: skip
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None,
+    help="Speed targets: where timed plans are kept for reruns (default: "
+    "$XDG_CACHE_HOME/sfp-onnx, else ~/.cache/sfp-onnx).",
+)  # fmt: skip
+@click.option(
+    "--strict", is_flag=True,
+    help="Speed targets: fail when the measured speedup misses the target by more than 5%.",
+)  # fmt: skip
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False),
+    help="Write the plan as JSON here (for `prune --plan` and `compress --plan`).",
+)  # fmt: skip
+def plan(model: str, output: str | None, **opts) -> None:
+    """Choose how many channels each group of MODEL keeps, to meet a MACs or speed budget.
 
     Instead of one --rate for every group, each group is narrowed step by step where a step
     removes the least filter importance (L2 of the filters, BatchNorm folded in, as a share
@@ -44,16 +68,65 @@ def plan(model: str, target_macs: float, round_to, max_rate: float, criterion: s
     but important layers keep more. The MACs predicted for the widths are exact for the
     file `prune --plan` then writes (it reports the measured figure).
 
+    With --target-speedup or --target-latency-ms the MACs target is searched instead: each
+    round plans, prunes and times the file against MODEL in onnxruntime (interleaved, as
+    `bench`; a few seconds to minutes per round), until the measured speedup is within 3%;
+    the timings are cached, so a rerun measures nothing it already has.
+
     \b
     Examples:
       sfp-onnx plan model.onnx --target-macs 0.5 -o plan.json
+      sfp-onnx plan model.onnx --target-speedup 2 --bench-batch 32 -o plan.json
       sfp-onnx prune model.onnx --plan plan.json -o model.slim.onnx
+      sfp-onnx compress model.onnx --plan plan.json --data cifar10 -o model.slim.onnx
     """
+    speed = opts["target_speedup"] is not None or opts["target_latency_ms"] is not None
+    if speed == (opts["target_macs"] is not None) or (
+        opts["target_speedup"] is not None and opts["target_latency_ms"] is not None
+    ):
+        raise click.UsageError(
+            "give exactly one of --target-macs, --target-speedup and --target-latency-ms"
+        )
+    result = _speed_plan(model, opts) if speed else _macs_plan(model, opts)
+    if output:
+        from sfp_onnx._io import write_json
+
+        write_json(output, result.to_json())
+    _show(result, opts)
+    if output:
+        console.print(f"plan written to {output}; apply it with: sfp-onnx prune {model} --plan "
+                      f"{output} -o OUT.onnx")  # fmt: skip
+
+
+def _macs_plan(model: str, opts: dict):
     with status("planning"):
-        result = sfp_onnx.make_plan(
-            model, target_macs=target_macs, round_to=round_to, max_rate=max_rate,
-            criterion=criterion, output=output,
+        return sfp_onnx.make_plan(
+            model, target_macs=opts["target_macs"], round_to=opts["round_to"],
+            max_rate=opts["max_rate"], criterion=opts["criterion"],
         )  # fmt: skip
+
+
+def _speed_plan(model: str, opts: dict):
+    from sfp_onnx.speed_targets import default_cache_dir, plan_for_speed
+
+    cache = opts["cache_dir"] or default_cache_dir()
+    result, _points = plan_for_speed(
+        model, target_speedup=opts["target_speedup"],
+        target_latency_ms=opts["target_latency_ms"], batch=opts["bench_batch"],
+        provider=opts["provider"], round_to=opts["round_to"], max_rate=opts["max_rate"],
+        criterion=opts["criterion"], cache_dir=cache, progress=console.print,
+    )  # fmt: skip
+    if opts["strict"] and not result.measured["within_5_percent"]:
+        from sfp_onnx.errors import UsageError
+
+        raise UsageError(
+            f"the best plan runs {result.measured['speedup']:.2f}x faster, more than 5% from "
+            "the target (--strict); raise --max-rate or change the target"
+        )
+    return result
+
+
+def _show(result, opts: dict) -> None:
     table = Table(title="channels kept per group")
     for column in ("id", "channels", "kept", "removed", "layers"):
         table.add_column(column, justify="left" if column == "layers" else "right")
@@ -67,13 +140,20 @@ def plan(model: str, target_macs: float, round_to, max_rate: float, criterion: s
     share = result.predicted_macs / result.full_macs
     console.print(
         f"MACs: {human(result.full_macs)} -> {human(result.predicted_macs)} predicted "
-        f"({share:.1%} kept, target {target_macs:.1%})"
+        f"({share:.1%} kept)"
     )
+    measured = result.measured
+    if measured:
+        asked = ", ".join(f"{k} {v:g}" for k, v in result.target.items())
+        console.print(
+            f"measured: {measured['speedup']:.2f}x faster ({measured['latency_ms']:.3g} ms vs "
+            f"{measured['base_latency_ms']:.3g} ms at batch {measured['batch']}, "
+            f"{measured['provider']}); target {asked}"
+        )
+        if not measured["within_5_percent"]:
+            console.print("the measured speedup misses the target by more than 5%")
     if not result.reached:
         console.print(
-            f"the target is out of reach: every group is at its floor (--max-rate {max_rate:g}); "
-            "raise --max-rate or the target"
+            f"the target is out of reach: every group is at its floor (--max-rate "
+            f"{opts['max_rate']:g}); raise --max-rate or the target"
         )
-    if output:
-        console.print(f"plan written to {output}; apply it with: sfp-onnx prune {model} --plan "
-                      f"{output} -o OUT.onnx")  # fmt: skip

@@ -96,16 +96,33 @@ def rate_plan(sfp, analysis: Analysis) -> dict[tuple[int, int], int]:
 
 def describe_pruning(sfp, analysis: Analysis) -> str:
     """One line: the method and, per group width, the rate asked for and the one realised."""
+    if sfp.plan is not None:
+        return _describe_plan(sfp)
     plan = rate_plan(sfp, analysis)
     widths = ", ".join(f"{width_label(c, p)}->{k} ({1 - k / c:.0%})" for (c, p), k in plan.items())
     widths = widths or "none"
     rounding = f"multiples of {sfp.round_to}" if sfp.round_to else "no rounding"
-    if sfp.method == "sfp-paper":
-        how = "the paper's epoch-end zeroing of filter rows"
-    else:
-        phase = f"the first {1 - sfp.freeze:.0%} of the steps"
-        how = f"masks in the forward pass, re-chosen during {phase}, then frozen"
     return (
         f"pruning: {sfp.method}, rate {sfp.rate:g} ({sfp.criterion} scores, {rounding}); "
-        f"channels kept per group width: {widths}; {how}"
+        f"channels kept per group width: {widths}; {_how(sfp)}"
     )
+
+
+def _describe_plan(sfp) -> str:
+    """One line for a run that trains to a plan's per-group widths."""
+    plan = sfp.plan
+    narrowed = sum(g.kept < g.channels for g in plan.groups)
+    target = ", ".join(f"{k} {v:g}" for k, v in plan.target.items())
+    return (
+        f"pruning: {sfp.method} to a plan ({target}; {plan.criterion} scores): {narrowed} of "
+        f"{len(plan.groups)} groups narrowed, {plan.removed_share:.1%} of their channels "
+        f"removed, {plan.predicted_macs / plan.full_macs:.1%} of the MACs predicted to stay; "
+        f"{_how(sfp)}"
+    )
+
+
+def _how(sfp) -> str:
+    if sfp.method == "sfp-paper":
+        return "the paper's epoch-end zeroing of filter rows"
+    phase = f"the first {1 - sfp.freeze:.0%} of the steps"
+    return f"masks in the forward pass, re-chosen during {phase}, then frozen"

@@ -159,6 +159,8 @@ def _cli_error(args: list[str]) -> str:
         (["--mean", "0.5", "0.5"], "'--mean' requires 3 arguments"),
         (["--std", "0.2", "0", "0.2"], "std"),
         (["--rate", "1.5"], "rate must be in [0, 1)"),
+        (["--target-macs", "0.5"], "give exactly one of --rate, --plan, --target-macs"),
+        (["--plan", "/nonexistent/plan.json"], "give exactly one of --rate, --plan, --target-macs"),
     ],
 )
 def test_bad_compress_inputs_give_one_line(resnet8, tmp_path, extra, expected):
@@ -281,6 +283,38 @@ def test_compress_through_channel_splits(tmp_path, kind):
     report = _compress_small(source, tmp_path)
     assert report.verification.exact
     assert report.after.macs < 0.7 * report.before.macs
+
+
+def test_compress_to_a_macs_target_trains_to_the_plans_widths(resnet8, tmp_path):
+    """``--target-macs``: a plan of per-group widths, each group ramped to its own width; the
+    written file costs exactly the MACs the plan predicts, and the report holds the plan."""
+    out, report = tmp_path / "slim.onnx", tmp_path / "r.json"
+    args = [
+        "compress", str(resnet8), "--target-macs", "0.6", "--round-to", "none",
+        "--data", "cifar10", "--data-root", str(cifar10_root()), "--epochs", "2",
+        "--train-limit", "256", "--eval-limit", "64", "--workers", "0", "--no-bench",
+        "-o", str(out), "--report", str(report), "--workdir", str(tmp_path / "w"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "to a plan (macs 0.6" in result.output
+    data = json.loads(report.read_text())
+    plan = data["settings"]["pruning"]["plan"]
+    assert plan["target"] == {"macs": 0.6} and plan["reached"]
+    assert data["macs"]["after"] == measure_model(out).macs == round(plan["predicted_macs"])
+    assert data["macs"]["after"] <= 0.6 * data["macs"]["before"]
+    rates = {round(1 - g["kept"] / g["channels"], 3) for g in plan["groups"]}
+    assert len(rates) > 1  # per-group widths, not one rate
+    kept = [e["extra"]["kept_channels"] for e in data["training"]["epochs"]]
+    assert kept == sorted(kept, reverse=True)  # ramped down...
+    assert kept[-1] == sum(g["kept"] for g in plan["groups"])  # ...to exactly the plan
+
+
+def test_a_plan_needs_the_soft_mask_method(resnet8, tmp_path):
+    args = ["compress", str(resnet8), "--target-macs", "0.6", "--method", "sfp-paper",
+            "--data", "cifar10", "--data-root", str(cifar10_root()),
+            "-o", str(tmp_path / "o")]  # fmt: skip
+    assert "a plan's per-group widths need --method soft-mask" in _cli_error(args)
 
 
 def _compress_small(source, tmp_path):

@@ -121,3 +121,40 @@ def test_plan_options_give_one_line_errors(tmp_path, args, expected):
 
 def test_plan_target_out_of_range_is_one_line():
     assert "(0, 1]" in _error(["plan", str(RESNET20), "--target-macs", "1.5"])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--target-macs", "0.5", "--target-speedup", "2"],
+     ["--target-speedup", "2", "--target-latency-ms", "5"]],
+)  # fmt: skip
+def test_plan_targets_are_mutually_exclusive(args):
+    line = _error(["plan", str(RESNET20), *args])
+    assert "exactly one of --target-macs, --target-speedup and --target-latency-ms" in line
+
+
+def test_a_speed_target_is_timed_then_cached_and_the_plan_applies(tmp_path):
+    """``--target-speedup``: plans timed in onnxruntime against the original; the rerun reads
+    every timing from the cache (no new measurement) and gives the same widths; the plan,
+    with its measurement, goes into ``prune --plan``."""
+    cache, first, second = tmp_path / "cache", tmp_path / "a.json", tmp_path / "b.json"
+    args = ["plan", str(RESNET20), "--target-speedup", "1.4", "--bench-batch", "8",
+            "--cache-dir", str(cache)]  # fmt: skip
+    timed = CliRunner().invoke(main, [*args, "-o", str(first)], catch_exceptions=False)
+    assert timed.exit_code == 0, timed.output
+    assert "timing the plan for" in timed.output and "measured:" in timed.output
+    plan = read_plan(first)
+    assert plan.target == {"speedup": 1.4} and plan.measured["batch"] == 8
+    assert plan.measured["speedup"] > 1.0 and plan.predicted_macs < plan.full_macs
+    cached = json.loads(next(cache.glob("speed-*.json")).read_text())
+    assert len(cached["points"]) >= 1 and cached["key"]["batch"] == 8
+    rerun = CliRunner().invoke(main, [*args, "-o", str(second)], catch_exceptions=False)
+    assert rerun.exit_code == 0 and "timing the plan" not in rerun.output, rerun.output
+    assert "cached in" in rerun.output
+    assert [g.kept for g in read_plan(second).groups] == [g.kept for g in plan.groups]
+    out = tmp_path / "slim.onnx"
+    pruned = CliRunner().invoke(
+        main, ["prune", str(RESNET20), "--plan", str(first), "-o", str(out)]
+    )
+    assert pruned.exit_code == 0, pruned.output
+    assert measure_model(out).macs == round(plan.predicted_macs)

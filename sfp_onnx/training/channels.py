@@ -58,19 +58,24 @@ def choose_channels(
     criterion: str,
     round_to: int | None,
     view: ArrayView | None = None,
+    counts: Mapping[int, int] | None = None,
 ) -> dict[int, np.ndarray]:
-    """The lowest-scored ``prune_count`` indices of every group, from the current weights."""
+    """The lowest-scored ``prune_count`` indices of every group, from the current weights.
+
+    ``counts`` (group id -> channels to choose, e.g. a plan's) replaces the rate's count.
+    """
     arrays = imported.arrays(scoring_tensors(groups))
     if view is not None:
         arrays = view(arrays)
-    return {
-        group.id: select_channels(
-            score_group(group, arrays, criterion),
-            prune_count(group.channels, rate, round_to, group.parts),
-            group.parts,
+    chosen = {}
+    for group in groups:
+        count = prune_count(group.channels, rate, round_to, group.parts)
+        if counts is not None:
+            count = counts.get(group.id, 0)
+        chosen[group.id] = select_channels(
+            score_group(group, arrays, criterion), count, group.parts
         )
-        for group in groups
-    }
+    return chosen
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +43,9 @@ from sfp_onnx.training.channels import (
 )
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import ImportedModel
+
+if TYPE_CHECKING:
+    from sfp_onnx.planning import Plan
 
 __all__ = [
     "MASKED_SCALES",
@@ -78,6 +82,9 @@ class SfpConfig:
     # batches re-estimating BN statistics after each epoch's masks; None: 50 for sfp-paper
     # (its zeroing changes every statistic), 0 for soft-mask (measured: no gain, 20% slower)
     bn_recalibration: int | None = None
+    # soft-mask: per-group widths from `sfp-onnx plan` in place of one rate for every group
+    # (``rate`` is then the plan's share of channels removed, for the record)
+    plan: Plan | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate < 1.0:
@@ -97,6 +104,8 @@ class SfpConfig:
             raise UsageError(f"--freeze must be in [0, 1), got {self.freeze}")
         if self.bn_recalibration is not None and self.bn_recalibration < 0:
             raise UsageError(f"--bn-recalibration is {self.bn_recalibration}; give 0 or more")
+        if self.plan is not None and self.method != "soft-mask":
+            raise UsageError("a plan's per-group widths need --method soft-mask")
         if self.independent_layers and self.method != "sfp-paper":
             raise UsageError(
                 "--independent-layers is the reference code's mode; add --method sfp-paper"

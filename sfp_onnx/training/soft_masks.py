@@ -93,6 +93,9 @@ class SoftMaskPruner(TrainingHook):
             imported, model, analysis, self.groups, straight_through=config.straight_through,
             importance=self.taylor,
         )  # fmt: skip
+        # a plan's channels to remove per group id, and the step its widths move in
+        self.planned = config.plan.removed_counts(analysis) if config.plan else None
+        self.steps = {g.id: g.step for g in config.plan.groups} if config.plan else {}
         self.masks: dict[int, np.ndarray] = {}
         self.importance: dict[int, torch.Tensor] = {}  # Σ (dL/dgate)² since the last selection
         self.importance_steps = 0
@@ -191,10 +194,11 @@ class SoftMaskPruner(TrainingHook):
     def _choose(self) -> dict[int, np.ndarray] | None:
         """The channels to mask now; None when there is nothing to score them by yet."""
         config = self.config
+        counts = self._counts()
         if not self.taylor:
             return choose_channels(
                 self.imported, self.groups, rate=self.rate, criterion=config.criterion,
-                round_to=config.round_to, view=self.view,
+                round_to=config.round_to, view=self.view, counts=counts,
             )  # fmt: skip
         if not self.importance_steps:
             return None
@@ -202,9 +206,30 @@ class SoftMaskPruner(TrainingHook):
         for group in self.groups:
             score = (self.importance[group.id] / self.importance_steps).cpu().numpy()
             count = prune_count(group.channels, self.rate, config.round_to, group.parts)
+            if counts is not None:
+                count = counts.get(group.id, 0)
             chosen[group.id] = select_channels(score, count, group.parts)
         self.importance, self.importance_steps = {}, 0
         return chosen
+
+    def _counts(self) -> dict[int, int] | None:
+        """A plan's channels to mask per group at the current rate (None: no plan).
+
+        Each group ramps as the rate does, to exactly the plan's width at the end; between,
+        its width is rounded up to the plan's step for the group.
+        """
+        if self.planned is None:
+            return None
+        share = self.rate / self.config.rate if self.config.rate > 0 else 0.0
+        counts = {}
+        for group in self.groups:
+            removed = self.planned.get(group.id, 0)
+            step = self.steps.get(group.id, 1)
+            kept = min(
+                group.channels, step * math.ceil((group.channels - share * removed) / step - 1e-9)
+            )
+            counts[group.id] = group.channels - kept
+        return counts
 
     def _select(self, step: int) -> None:
         config = self.config
