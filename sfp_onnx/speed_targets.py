@@ -1,0 +1,189 @@
+"""Plans for a measured speedup or latency: the MACs target found by timing the files it gives.
+
+This module owns ``plan --target-speedup`` / ``--target-latency-ms``. The widths themselves are
+chosen as for a MACs target (:func:`~sfp_onnx.planning.make_plan`: least filter importance per
+multiply-add saved); what is searched is the MACs fraction ``f`` whose plan, pruned and timed
+in onnxruntime on this machine (provider and batch as asked, interleaved with the original as
+``bench`` times them), runs as fast as asked. Each round fits ``speedup = f^-a`` through the
+measurements nearest the target (on both sides of it once there are such), so two to four
+rounds usually land within the tolerance. Every measurement is cached in ``cache_dir`` per
+model file, provider, batch, machine and allocation settings, so a rerun (or another target on
+the same model) starts from what is known and measures nothing it already has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from sfp_onnx._io import write_json
+from sfp_onnx.errors import UsageError
+from sfp_onnx.planning import Plan, make_plan
+from sfp_onnx.runtime.bench import BenchConfig, benchmark, machine_info
+from sfp_onnx.runtime.target import resolve_round_to
+
+__all__ = ["SpeedPoint", "default_cache_dir", "plan_for_speed"]
+
+PathLike = str | os.PathLike
+
+
+def default_cache_dir() -> Path:
+    """Where timed plans are kept: $XDG_CACHE_HOME/sfp-onnx, else ~/.cache/sfp-onnx."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "sfp-onnx")
+
+
+@dataclass(frozen=True)
+class SpeedPoint:
+    """One timed plan: the MACs fraction asked, what its file cost, how fast it ran."""
+
+    macs_target: float
+    macs_kept: float  # the plan's predicted MACs as a share of the model's
+    speedup: float  # p50 of the original / p50 of the pruned file
+    latency_ms: float  # p50 of the pruned file
+    base_latency_ms: float  # p50 of the original, in the same interleaved run
+
+
+def plan_for_speed(
+    model: PathLike,
+    *,
+    target_speedup: float | None = None,
+    target_latency_ms: float | None = None,
+    batch: int = 1,
+    provider: str = "cpu",
+    round_to: int | str | None = None,
+    max_rate: float = 0.7,
+    criterion: str = "l2",
+    cache_dir: PathLike | None = None,
+    tolerance: float = 0.03,
+    rounds: int = 6,
+    runs: int = 30,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Plan, list[SpeedPoint]]:
+    """The plan whose pruned file runs ``target_speedup``× faster (or under the latency).
+
+    Returns the plan (its ``target`` says what was asked, ``measured`` what the chosen plan's
+    file did) and every timed point, cached ones included.
+    """
+    if (target_speedup is None) == (target_latency_ms is None):
+        raise UsageError("give exactly one of --target-speedup and --target-latency-ms")
+    if target_speedup is not None and target_speedup <= 1.0:
+        raise UsageError(f"--target-speedup must be above 1, got {target_speedup}")
+    if target_latency_ms is not None and target_latency_ms <= 0:
+        raise UsageError(f"--target-latency-ms must be positive, got {target_latency_ms}")
+    say = progress or (lambda _message: None)
+    multiple = resolve_round_to(round_to)
+    settings = {"batch": batch, "provider": provider, "round_to": multiple,
+                "max_rate": max_rate, "criterion": criterion}  # fmt: skip
+    cache = _Cache(model, settings, cache_dir)
+    points = cache.load()
+    if points:
+        say(f"{len(points)} timed plans cached in {cache.path}")
+    best = None
+    for _ in range(rounds):
+        goal = _goal(points, target_speedup, target_latency_ms)
+        best = _closest(points, goal)
+        if best is not None and abs(best.speedup / goal - 1) <= tolerance:
+            break
+        fraction = _next_fraction(points, goal, 1.0 - max_rate)
+        if any(math.isclose(p.macs_target, fraction, rel_tol=1e-6) for p in points):
+            break  # the search has converged on a point it already measured
+        say(f"timing the plan for {fraction:.1%} of the MACs (goal {goal:.2f}x)")
+        point = _time_plan(model, fraction, settings, runs)
+        say(f"  {point.speedup:.2f}x ({point.latency_ms:.3g} ms vs {point.base_latency_ms:.3g} ms)")
+        points.append(point)
+        cache.save(points)
+    goal = _goal(points, target_speedup, target_latency_ms)
+    best = _closest(points, goal)
+    plan = make_plan(model, target_macs=best.macs_target, round_to=multiple, max_rate=max_rate,
+                     criterion=criterion)  # fmt: skip
+    target = {"speedup": target_speedup} if target_speedup else {"latency_ms": target_latency_ms}
+    measured = {**asdict(best), "batch": batch, "provider": provider,
+                "within_5_percent": abs(best.speedup / goal - 1) <= 0.05}  # fmt: skip
+    return replace(plan, target=target, measured=measured), points
+
+
+def _goal(points: list[SpeedPoint], speedup: float | None, latency_ms: float | None) -> float:
+    """The speedup asked for; a latency target is one over the original's measured latency."""
+    if speedup is not None:
+        return speedup
+    if not points:
+        return 2.0  # a first guess, replaced once the original has been timed
+    base = sorted(p.base_latency_ms for p in points)[len(points) // 2]
+    return max(base / latency_ms, 1.0 + 1e-6)
+
+
+def _closest(points: list[SpeedPoint], goal: float) -> SpeedPoint | None:
+    return min(points, key=lambda p: abs(math.log(p.speedup / goal)), default=None)
+
+
+def _next_fraction(points: list[SpeedPoint], goal: float, floor: float) -> float:
+    """The MACs fraction to time next: ``speedup = f^-a`` through the nearest measurements."""
+    below = [p for p in points if p.speedup < goal]
+    above = [p for p in points if p.speedup >= goal]
+    if below and above:  # interpolate in log-log between the two that bracket the goal
+        lo = max(below, key=lambda p: p.speedup)
+        hi = min(above, key=lambda p: p.speedup)
+        t = math.log(goal / lo.speedup) / math.log(hi.speedup / lo.speedup)
+        fraction = math.exp((1 - t) * math.log(lo.macs_kept) + t * math.log(hi.macs_kept))
+    else:  # step from the nearest: speedup ~ f^-a, a measured when it can be (else 1)
+        near = _closest(points, goal)
+        if near is None:
+            return min(1.0, 1.0 / goal)
+        exponent = 1.0
+        if near.macs_kept < 1 and near.speedup > 1:
+            exponent = max(0.3, math.log(near.speedup) / -math.log(near.macs_kept))
+        fraction = near.macs_target * (near.speedup / goal) ** (1.0 / exponent)
+    return min(1.0, max(fraction, floor * floor))
+
+
+def _time_plan(model: PathLike, fraction: float, settings: dict, runs: int) -> SpeedPoint:
+    """Plan for ``fraction`` of the MACs, prune to it, time it against the original."""
+    from sfp_onnx.api import prune  # the api imports planning; imported late, no cycle
+
+    plan = make_plan(model, target_macs=fraction, round_to=settings["round_to"],
+                     max_rate=settings["max_rate"], criterion=settings["criterion"])  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="sfp-onnx-speed-") as folder:
+        pruned = Path(folder) / "candidate.onnx"
+        prune(model, pruned, plan=plan, criterion=settings["criterion"])
+        config = BenchConfig(batch_sizes=(settings["batch"],), runs=runs,
+                             warmup=min(10, max(2, runs // 3)),
+                             provider=settings["provider"])  # fmt: skip
+        report = benchmark([model, pruned], config)
+    base, candidate = (r.latency_ms["p50"] for r in report.results)
+    return SpeedPoint(fraction, plan.predicted_macs / plan.full_macs, base / candidate,
+                      candidate, base)  # fmt: skip
+
+
+class _Cache:
+    """Timed points of one model file under one set of settings on this machine (JSON)."""
+
+    def __init__(self, model: PathLike, settings: dict, folder: PathLike | None) -> None:
+        digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:16]
+        machine = machine_info()
+        self.key = {"model_sha256": digest, **settings, "cpu": machine.get("cpu"),
+                    "gpu": machine.get("gpu")}  # fmt: skip
+        name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:12]
+        self.path = Path(folder) / f"speed-{name}.json" if folder is not None else None
+
+    def load(self) -> list[SpeedPoint]:
+        if self.path is None or not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("key") != self.key:
+                return []
+            return [SpeedPoint(**point) for point in data["points"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []  # a damaged cache is measured again, never trusted
+
+    def save(self, points: list[SpeedPoint]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"key": self.key, "points": [asdict(p) for p in points]})
