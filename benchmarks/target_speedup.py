@@ -1,0 +1,112 @@
+"""Speed targets: how close `plan --target-speedup` lands, timed again on the file it gives.
+
+For each model, batch size and target, :func:`sfp_onnx.speed_targets.plan_for_speed` searches
+the plan (timing each candidate against the original, interleaved); the chosen plan is then
+applied with ``prune --plan`` and the written file is timed once more, independently, with
+as many interleaved runs as fit the budget. The table gives the target, the speedup the search
+saw, the speedup re-measured on the written file, its error against the target, the MACs
+kept and the rounds the search needed.
+
+Usage (from the repository root)::
+
+    python benchmarks/target_speedup.py                       # the default sweep
+    python benchmarks/target_speedup.py --models resnet20@32 --batch-sizes 1 --targets 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from _models import bench_on_budget, export_model
+from _results import Run, default_out, md_table, write_results
+
+import sfp_onnx
+from sfp_onnx.graph.measure import measure_model
+from sfp_onnx.runtime.bench import speedups
+from sfp_onnx.speed_targets import plan_for_speed
+
+MODELS = ("resnet20@32", "mobilenet_v2@224", "resnet18@224", "resnet50@224")
+TARGETS = (1.5, 2.0, 3.0)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, help="name@size specs")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=(1, 32))
+    parser.add_argument("--targets", nargs="+", type=float, default=TARGETS)
+    parser.add_argument("--round-to", default="auto", help="none, K or auto")
+    parser.add_argument("--round-seconds", type=float, default=10.0, help="timing per round")
+    parser.add_argument("--seconds", type=float, default=30.0, help="budget of the re-timing")
+    parser.add_argument("--workdir", type=Path, help="keep the ONNX files here (default: temp)")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    parser.add_argument("--name", default="target_speedup", help="results file name")
+    args = parser.parse_args()
+    args.out = args.out or default_out(False)
+    return args
+
+
+def measure(spec: str, batch: int, target: float, args, folder: Path) -> dict:
+    """Search the plan for ``target``, write it, time the written file again."""
+    source = export_model(spec, folder)
+    started = time.perf_counter()
+    rounds: list[str] = []
+    plan, points = plan_for_speed(
+        source, target_speedup=target, batch=batch, provider="cpu", round_to=args.round_to,
+        cache_dir=folder / "cache", seconds=args.round_seconds,
+        progress=rounds.append,
+    )  # fmt: skip
+    search_s = time.perf_counter() - started
+    stem = spec.replace("@", "_")
+    slim = folder / f"{stem}_b{batch}_x{target:g}.onnx"
+    sfp_onnx.prune(source, slim, plan=plan)
+    report, runs = bench_on_budget([source, slim], batch, seconds=args.seconds)
+    retimed = speedups(report)[(str(slim), batch)]
+    macs = measure_model(slim).macs / measure_model(source).macs
+    return {
+        "model": spec, "batch": batch, "target": target,
+        "search_speedup": plan.measured["speedup"], "retimed_speedup": retimed,
+        "error": retimed / target - 1, "macs_kept": macs,
+        "predicted_macs_kept": plan.predicted_macs / plan.full_macs,
+        "rounds": sum(r.startswith("timing") for r in rounds), "points": len(points),
+        "retime_runs": runs, "search_seconds": round(search_s, 1), "reached": plan.reached,
+        "round_to": plan.round_to,
+    }  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    run = Run(args.name)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.workdir or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        for spec in args.models:
+            for batch in args.batch_sizes:
+                for target in args.targets:
+                    row = measure(spec, batch, target, args, folder)
+                    print(
+                        f"{spec} b{batch} x{target:g}: {row['retimed_speedup']:.2f}x "
+                        f"({row['error']:+.1%}), MACs kept {row['macs_kept']:.1%}",
+                        flush=True,
+                    )
+                    rows.append(row)
+    headers = ["model", "batch", "target", "search saw", "re-timed", "error", "MACs kept",
+               "rounds", "search s"]  # fmt: skip
+    table = md_table(headers, [
+        [r["model"], r["batch"], f"{r['target']:g}×", f"{r['search_speedup']:.2f}×",
+         f"{r['retimed_speedup']:.2f}×", f"{r['error']:+.1%}", f"{r['macs_kept']:.1%}",
+         r["rounds"], r["search_seconds"]] for r in rows
+    ])  # fmt: skip
+    within = sum(abs(r["error"]) <= 0.05 for r in rows)
+    body = (f"{within} of {len(rows)} within ±5% of the target when re-timed "
+            f"(round-to {args.round_to}).\n\n{table}\n")  # fmt: skip
+    write_results(run, args.out, title="Speed targets: planned vs re-measured speedup",
+                  body=body, data={"rows": rows})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
