@@ -9,6 +9,7 @@ live progress line, and prints the summary. No pruning logic lives here.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -243,13 +244,20 @@ def _configs(model: str, opts: dict):
     )  # fmt: skip
     from sfp_onnx.speed_targets import default_cache_dir
 
+    speed_target = opts["target_speedup"] is not None or opts["target_latency_ms"] is not None
+    if speed_target and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.UsageError(  # each rank would time its own plan
+            "under torchrun, plan a speed target first (`sfp-onnx plan --target-speedup ... "
+            "-o plan.json`) and pass --plan plan.json"
+        )
     provider = "cpu" if opts["provider"] == "auto" else opts["provider"]
     plan = resolve_plan(
         model, rate=opts["rate"], plan=opts["plan_path"], target_macs=opts["target_macs"],
         target_speedup=opts["target_speedup"], target_latency_ms=opts["target_latency_ms"],
         speed={"round_to": opts["round_to"], "max_rate": opts["max_rate"],
                "criterion": opts["criterion"], "batch": opts["bench_batch"],
-               "provider": provider, "cache_dir": default_cache_dir()},
+               "provider": provider, "cache_dir": default_cache_dir(),
+               "progress": console.print},
     )  # fmt: skip
     sfp = SfpConfig(**{**{k: opts[k] for k in _SFP_KEYS}, "rate": opts["rate"] or 0.0})
     if plan is not None:  # the plan's widths, its rounding; rate: its share, for the record

@@ -62,13 +62,14 @@ def plan_for_speed(
     cache_dir: PathLike | None = None,
     tolerance: float = 0.03,
     rounds: int = 6,
-    runs: int = 30,
+    seconds: float = 10.0,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Plan, list[SpeedPoint]]:
     """The plan whose pruned file runs ``target_speedup``× faster (or under the latency).
 
-    Returns the plan (its ``target`` says what was asked, ``measured`` what the chosen plan's
-    file did) and every timed point, cached ones included.
+    Each round times the candidate and the original interleaved for about ``seconds`` (at
+    least 10 runs each, at most 500). Returns the plan (its ``target`` says what was asked,
+    ``measured`` what the chosen plan's file did) and every timed point, cached ones included.
     """
     if (target_speedup is None) == (target_latency_ms is None):
         raise UsageError("give exactly one of --target-speedup and --target-latency-ms")
@@ -94,7 +95,7 @@ def plan_for_speed(
         if any(math.isclose(p.macs_target, fraction, rel_tol=1e-6) for p in points):
             break  # the search has converged on a point it already measured
         say(f"timing the plan for {fraction:.1%} of the MACs (goal {goal:.2f}x)")
-        point = _time_plan(model, fraction, settings, runs)
+        point = _time_plan(model, fraction, settings, seconds)
         say(f"  {point.speedup:.2f}x ({point.latency_ms:.3g} ms vs {point.base_latency_ms:.3g} ms)")
         points.append(point)
         cache.save(points)
@@ -142,18 +143,22 @@ def _next_fraction(points: list[SpeedPoint], goal: float, floor: float) -> float
     return min(1.0, max(fraction, floor * floor))
 
 
-def _time_plan(model: PathLike, fraction: float, settings: dict, runs: int) -> SpeedPoint:
+def _time_plan(model: PathLike, fraction: float, settings: dict, seconds: float) -> SpeedPoint:
     """Plan for ``fraction`` of the MACs, prune to it, time it against the original."""
     from sfp_onnx.api import prune  # the api imports planning; imported late, no cycle
 
     plan = make_plan(model, target_macs=fraction, round_to=settings["round_to"],
                      max_rate=settings["max_rate"], criterion=settings["criterion"])  # fmt: skip
+    batch, provider = (settings["batch"],), settings["provider"]
     with tempfile.TemporaryDirectory(prefix="sfp-onnx-speed-") as folder:
         pruned = Path(folder) / "candidate.onnx"
         prune(model, pruned, plan=plan, criterion=settings["criterion"])
-        config = BenchConfig(batch_sizes=(settings["batch"],), runs=runs,
-                             warmup=min(10, max(2, runs // 3)),
-                             provider=settings["provider"])  # fmt: skip
+        probe = benchmark([model], BenchConfig(batch_sizes=batch, warmup=1, runs=3,
+                                               provider=provider))  # fmt: skip
+        per_run = probe.results[0].latency_ms["p50"] / 1e3
+        runs = int(min(500, max(10, seconds / (2 * per_run))))
+        config = BenchConfig(batch_sizes=batch, runs=runs, warmup=min(10, max(2, runs // 5)),
+                             provider=provider)  # fmt: skip
         report = benchmark([model, pruned], config)
     base, candidate = (r.latency_ms["p50"] for r in report.results)
     return SpeedPoint(fraction, plan.predicted_macs / plan.full_macs, base / candidate,

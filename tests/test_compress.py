@@ -310,6 +310,29 @@ def test_compress_to_a_macs_target_trains_to_the_plans_widths(resnet8, tmp_path)
     assert kept[-1] == sum(g["kept"] for g in plan["groups"])  # ...to exactly the plan
 
 
+def test_compress_to_a_speed_target_reports_planned_and_measured_speed(
+    resnet8, tmp_path, monkeypatch
+):
+    """``--target-speedup``: the plan is timed at --bench-batch (cached under
+    $XDG_CACHE_HOME), trained to, and the summary sets the speed seen when planning beside
+    the speed of the file written."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out, report = tmp_path / "slim.onnx", tmp_path / "r.json"
+    args = [
+        "compress", str(resnet8), "--target-speedup", "1.3", "--bench-batch", "8",
+        "--data", "cifar10", "--data-root", str(cifar10_root()), "--epochs", "1",
+        "--train-limit", "128", "--eval-limit", "64", "--workers", "0",
+        "-o", str(out), "--report", str(report), "--workdir", str(tmp_path / "w"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "timing the plan for" in result.output and "speed target:" in result.output
+    plan = json.loads(report.read_text())["settings"]["pruning"]["plan"]
+    assert plan["target"] == {"speedup": 1.3} and plan["measured"]["batch"] == 8
+    assert list((tmp_path / "cache" / "sfp-onnx").glob("speed-*.json"))
+    assert measure_model(out).macs == round(plan["predicted_macs"])
+
+
 def test_a_plan_needs_the_soft_mask_method(resnet8, tmp_path):
     args = ["compress", str(resnet8), "--target-macs", "0.6", "--method", "sfp-paper",
             "--data", "cifar10", "--data-root", str(cifar10_root()),
