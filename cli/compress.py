@@ -229,9 +229,9 @@ def _configs(model: str, opts: dict):
     """The library's configs from the options (validated as they are built)."""
     from dataclasses import replace
 
+    from sfp_onnx.api import resolve_plan
     from sfp_onnx.data.datasets import DataConfig
     from sfp_onnx.pipeline import CompressOptions
-    from sfp_onnx.planning import resolve_plan
     from sfp_onnx.training.objectives import DistillConfig
     from sfp_onnx.training.sfp import SfpConfig
     from sfp_onnx.training.train import TrainConfig

@@ -27,12 +27,13 @@ from sfp_onnx.graph.measure import count_layer_costs, measure_model, uncounted_o
 from sfp_onnx.graph.rewrite import rewrite_model
 from sfp_onnx.graph.soft_prune import CRITERIA, prune_count, soft_prune_model
 from sfp_onnx.graph.zeros import removable_channels
-from sfp_onnx.planning import Plan, read_plan
+from sfp_onnx.planning import Plan, make_plan, read_plan
 from sfp_onnx.report import AnalysisReport, Report, summarize_group
 from sfp_onnx.runtime.target import resolve_round_to
 from sfp_onnx.runtime.verify import verify_models
+from sfp_onnx.speed_targets import plan_for_speed
 
-__all__ = ["Outputs", "analyze", "layer_statuses", "prune", "slim", "write_pruned"]
+__all__ = ["Outputs", "analyze", "layer_statuses", "prune", "resolve_plan", "slim", "write_pruned"]
 
 PathLike = str | os.PathLike
 
@@ -265,3 +266,49 @@ def _check_interface(source: PathLike, rewritten: ir.Model) -> None:
         raise ExactnessError(
             "the rewritten model's inputs/outputs differ from the original's; nothing was written"
         )
+
+
+def resolve_plan(
+    model: PathLike,
+    *,
+    rate: float | None,
+    plan: PathLike | None,
+    target_macs: float | None,
+    target_speedup: float | None = None,
+    target_latency_ms: float | None = None,
+    speed: Mapping[str, object] | None = None,
+) -> Plan | None:
+    """The plan a run asks for: read from ``plan``, made for a target, or None (``rate``).
+
+    ``speed`` holds the allocation settings (``round_to``, ``max_rate``, ``criterion``) and,
+    for a speed target, how to time it (``batch``, ``provider``, ``cache_dir``; see
+    :func:`sfp_onnx.speed_targets.plan_for_speed`).
+
+    Raises:
+        UsageError: not exactly one of the rate, the plan and the targets given.
+    """
+    options = (
+        ("--rate", rate), ("--plan", plan), ("--target-macs", target_macs),
+        ("--target-speedup", target_speedup), ("--target-latency-ms", target_latency_ms),
+    )  # fmt: skip
+    given = [name for name, value in options if value is not None]
+    if len(given) != 1:
+        said = f" (got {' and '.join(given)})" if given else ""
+        raise UsageError(f"give exactly one of {', '.join(n for n, _ in options)}{said}")
+    settings = dict(speed or {})
+    allocation = {
+        k: settings.pop(k) for k in ("round_to", "max_rate", "criterion") if k in settings
+    }
+    if allocation.get("criterion") not in CRITERIA:
+        allocation["criterion"] = "l2"  # taylor is measured in training; plans weigh filters
+    if plan is not None:
+        return read_plan(plan)
+    if target_macs is not None:
+        return make_plan(model, target_macs=target_macs, **allocation)
+    if target_speedup is not None or target_latency_ms is not None:
+        timed, _points = plan_for_speed(
+            model, target_speedup=target_speedup, target_latency_ms=target_latency_ms,
+            **allocation, **settings,
+        )  # fmt: skip
+        return timed
+    return None

@@ -30,7 +30,7 @@ from sfp_onnx.graph.measure import count_layer_costs
 from sfp_onnx.graph.soft_prune import CRITERIA
 from sfp_onnx.runtime.target import resolve_round_to
 
-__all__ = ["Plan", "PlanGroup", "make_plan", "read_plan", "resolve_plan"]
+__all__ = ["Plan", "PlanGroup", "make_plan", "read_plan"]
 
 PathLike = str | os.PathLike
 _FORMAT = "sfp-onnx plan 1"
@@ -181,51 +181,3 @@ def read_plan(path: PathLike) -> Plan:
         return Plan.from_json(data)
     except (KeyError, TypeError) as exc:
         raise UsageError(f"plan file {path} is incomplete or malformed ({exc})") from None
-
-
-def resolve_plan(
-    model: PathLike,
-    *,
-    rate: float | None,
-    plan: PathLike | None,
-    target_macs: float | None,
-    target_speedup: float | None = None,
-    target_latency_ms: float | None = None,
-    speed: Mapping[str, Any] | None = None,
-) -> Plan | None:
-    """The plan a run asks for: read from ``plan``, made for a target, or None (``rate``).
-
-    ``speed`` holds the allocation settings (``round_to``, ``max_rate``, ``criterion``) and,
-    for a speed target, how to time it (``batch``, ``provider``, ``cache_dir``; see
-    :func:`sfp_onnx.speed_targets.plan_for_speed`).
-
-    Raises:
-        UsageError: not exactly one of the rate, the plan and the targets given.
-    """
-    options = (
-        ("--rate", rate), ("--plan", plan), ("--target-macs", target_macs),
-        ("--target-speedup", target_speedup), ("--target-latency-ms", target_latency_ms),
-    )  # fmt: skip
-    given = [name for name, value in options if value is not None]
-    if len(given) != 1:
-        said = f" (got {' and '.join(given)})" if given else ""
-        raise UsageError(f"give exactly one of {', '.join(n for n, _ in options)}{said}")
-    settings = dict(speed or {})
-    allocation = {
-        k: settings.pop(k) for k in ("round_to", "max_rate", "criterion") if k in settings
-    }
-    if allocation.get("criterion") not in CRITERIA:
-        allocation["criterion"] = "l2"  # taylor is measured in training; plans weigh filters
-    if plan is not None:
-        return read_plan(plan)
-    if target_macs is not None:
-        return make_plan(model, target_macs=target_macs, **allocation)
-    if target_speedup is not None or target_latency_ms is not None:
-        from sfp_onnx.speed_targets import plan_for_speed  # it builds on this module
-
-        timed, _points = plan_for_speed(
-            model, target_speedup=target_speedup, target_latency_ms=target_latency_ms,
-            **allocation, **settings,
-        )  # fmt: skip
-        return timed
-    return None

@@ -24,6 +24,11 @@ from pathlib import Path
 
 from sfp_onnx._io import write_json
 from sfp_onnx.errors import UsageError
+from sfp_onnx.graph.analyze import analyze_model
+from sfp_onnx.graph.load import load_model, save_model
+from sfp_onnx.graph.rewrite import rewrite_model
+from sfp_onnx.graph.soft_prune import soft_prune_model
+from sfp_onnx.graph.zeros import removable_channels
 from sfp_onnx.planning import Plan, make_plan
 from sfp_onnx.runtime.bench import BenchConfig, benchmark, machine_info
 from sfp_onnx.runtime.target import resolve_round_to
@@ -145,14 +150,12 @@ def _next_fraction(points: list[SpeedPoint], goal: float, floor: float) -> float
 
 def _time_plan(model: PathLike, fraction: float, settings: dict, seconds: float) -> SpeedPoint:
     """Plan for ``fraction`` of the MACs, prune to it, time it against the original."""
-    from sfp_onnx.api import prune  # the api imports planning; imported late, no cycle
-
     plan = make_plan(model, target_macs=fraction, round_to=settings["round_to"],
                      max_rate=settings["max_rate"], criterion=settings["criterion"])  # fmt: skip
     batch, provider = (settings["batch"],), settings["provider"]
     with tempfile.TemporaryDirectory(prefix="sfp-onnx-speed-") as folder:
         pruned = Path(folder) / "candidate.onnx"
-        prune(model, pruned, plan=plan, criterion=settings["criterion"])
+        _write_pruned(model, plan, settings["criterion"], pruned)
         probe = benchmark([model], BenchConfig(batch_sizes=batch, warmup=1, runs=3,
                                                provider=provider))  # fmt: skip
         per_run = probe.results[0].latency_ms["p50"] / 1e3
@@ -163,6 +166,16 @@ def _time_plan(model: PathLike, fraction: float, settings: dict, seconds: float)
     base, candidate = (r.latency_ms["p50"] for r in report.results)
     return SpeedPoint(fraction, plan.predicted_macs / plan.full_macs, base / candidate,
                       candidate, base)  # fmt: skip
+
+
+def _write_pruned(model: PathLike, plan: Plan, criterion: str, path: Path) -> None:
+    """The plan's slim model, for timing only (``prune --plan`` writes the checked one)."""
+    masked = load_model(model)
+    analysis = analyze_model(masked)
+    soft_prune_model(masked, analysis.groups, rate=0.0, criterion=criterion,
+                     round_to=plan.round_to, counts=plan.removed_counts(analysis))  # fmt: skip
+    rewrite_model(masked, analysis, removable_channels(masked, analysis))
+    save_model(masked, path)
 
 
 class _Cache:

@@ -158,3 +158,13 @@ def test_a_speed_target_is_timed_then_cached_and_the_plan_applies(tmp_path):
     )
     assert pruned.exit_code == 0, pruned.output
     assert measure_model(out).macs == round(plan.predicted_macs)
+
+
+def test_an_unreachable_speed_target_is_said_and_strict_makes_it_an_error(tmp_path):
+    """50x is beyond every group's floor: the plan says it misses; --strict refuses."""
+    args = ["plan", str(RESNET20), "--target-speedup", "50", "--cache-dir", str(tmp_path)]
+    said = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert said.exit_code == 0 and "misses the target by more than 5%" in said.output
+    line = _error([*args, "--strict", "-o", str(tmp_path / "plan.json")])
+    assert "more than 5% from the target (--strict)" in line
+    assert not (tmp_path / "plan.json").exists()

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from sfp_onnx.errors import UsageError
-from sfp_onnx.graph.groups import ChannelGroup
+from sfp_onnx.graph.groups import Analysis, ChannelGroup
 from sfp_onnx.graph.soft_prune import (
     CRITERIA,
     filter_rows,
@@ -44,8 +44,15 @@ from sfp_onnx.training.channels import (
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import ImportedModel
 
-if TYPE_CHECKING:
-    from sfp_onnx.planning import Plan
+
+class ChannelPlan(Protocol):
+    """What soft pruning needs of a plan (:class:`sfp_onnx.planning.Plan` is one; training
+    sits below the planning layer, so it names only this)."""
+
+    groups: tuple  # each with ``id`` and ``step`` (the width moves in multiples of it)
+
+    def removed_counts(self, analysis: Analysis) -> dict[int, int]: ...
+
 
 __all__ = [
     "MASKED_SCALES",
@@ -84,7 +91,7 @@ class SfpConfig:
     bn_recalibration: int | None = None
     # soft-mask: per-group widths from `sfp-onnx plan` in place of one rate for every group
     # (``rate`` is then the plan's share of channels removed, for the record)
-    plan: Plan | None = None
+    plan: ChannelPlan | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate < 1.0:
