@@ -1,11 +1,14 @@
 """Planned vs uniform widths at the same measured speedup, after the same fine-tune.
 
 The shipped CIFAR ResNet-20 is planned for a speed target (``plan_for_speed``: per-group
-widths, timed in onnxruntime at the batch size asked); a uniform ``--rate`` with the same
-measured speedup is then searched (bisection on the rate, each candidate pruned and timed
-against the original, interleaved). Both are fine-tuned by ``compress`` with the same budget
-(the README quick start's: 3 epochs on 10,000 real CIFAR-10 images, lr 0.02) and the written
-files' accuracy and speedup (``compress``'s own interleaved measurement) are compared.
+widths, timed in onnxruntime at the batch size asked) twice: weighing the filter scores'
+shares, and weighing the measured sensitivity (``measure_plan_sensitivity``: the loss rise
+when one group alone is cut, BatchNorm re-estimated, on held-back training images). A
+uniform ``--rate`` with the same measured speedup is then searched (bisection on the rate,
+each candidate pruned and timed against the original, interleaved). All are fine-tuned by
+``compress`` with the same budget (the README quick start's: 3 epochs on 10,000 real CIFAR-10
+images, lr 0.02) and the written files' accuracy and speedup (``compress``'s own interleaved
+measurement) are compared.
 
 Usage (from the repository root)::
 
@@ -43,6 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--out", type=Path, default=default_out(False))
     parser.add_argument("--name", default="target_speedup_accuracy")
+    parser.add_argument(
+        "--arms", nargs="+", default=["sensitivity", "filters", "uniform"],
+        choices=["sensitivity", "filters", "uniform"],
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -80,68 +87,56 @@ def fine_tune(model: Path, sfp: SfpConfig, args, folder: Path, name: str) -> dic
     }
 
 
+def plan_arm(args, folder: Path, importance: str):
+    """The speed plan weighing ``importance``, and the seconds its sensitivity took."""
+    sensitivity = None
+    if importance == "sensitivity":
+        data = DataConfig("cifar10", root=args.data_root, train_limit=args.train_limit, seed=0)
+        sensitivity = sfp_onnx.measure_plan_sensitivity(args.model, data, round_to="auto")
+        print(f"sensitivity measured in {sensitivity.seconds:.0f} s", flush=True)
+    plan, _points = plan_for_speed(
+        args.model, target_speedup=args.target, batch=args.batch, round_to="auto",
+        sensitivity=sensitivity, cache_dir=folder, progress=print,
+    )  # fmt: skip
+    return plan, sensitivity.seconds if sensitivity else 0.0
+
+
 def main() -> None:
     args = parse_args()
     run = Run(args.name)
+    rows, data = [], {"arms": {}}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        plan, _points = plan_for_speed(
-            args.model,
-            target_speedup=args.target,
-            batch=args.batch,
-            round_to="auto",
-            cache_dir=folder,
-            progress=print,
-        )
-        rate, uniform_speedup = uniform_rate_for(
-            args.model, plan.measured["speedup"], args.batch, folder
-        )
-        planned = fine_tune(
-            args.model,
-            SfpConfig(rate=plan.removed_share, plan=plan, round_to=plan.round_to),
-            args,
-            folder,
-            "planned",
-        )
-        uniform = fine_tune(
-            args.model, SfpConfig(rate=rate, round_to="auto"), args, folder, "uniform"
-        )
-    rows = [
-        [
-            "planned (per-group widths)",
-            f"{plan.measured['speedup']:.2f}×",
-            f"{planned['speedup']:.2f}×",
-            f"{planned['macs_kept']:.1%}",
-            f"{planned['top1']:.2%}",
-        ],
-        [
-            f"uniform rate {rate:.3f}",
-            f"{uniform_speedup:.2f}×",
-            f"{uniform['speedup']:.2f}×",
-            f"{uniform['macs_kept']:.1%}",
-            f"{uniform['top1']:.2%}",
-        ],
-    ]
-    headers = [
-        "widths",
-        "speedup when chosen",
-        "speedup of the file (compress)",
-        "MACs kept",
-        "top-1",
-    ]
-    gap = planned["top1"] - uniform["top1"]
+        plans = {arm: plan_arm(args, folder, arm) for arm in args.arms if arm != "uniform"}
+        for arm, (plan, seconds) in plans.items():
+            sfp = SfpConfig(rate=plan.removed_share, plan=plan, round_to=plan.round_to)
+            result = fine_tune(args.model, sfp, args, folder, arm)
+            data["arms"][arm] = {**result, "sensitivity_seconds": seconds, "plan": plan.to_json()}
+            weighed = "measured sensitivity" if arm == "sensitivity" else "filter scores"
+            label = f"planned, weighing {weighed}"
+            rows.append(_row(label, plan.measured["speedup"], result))
+        if "uniform" in args.arms:
+            goal = next(iter(plans.values()))[0].measured["speedup"] if plans else args.target
+            rate, chosen = uniform_rate_for(args.model, goal, args.batch, folder)
+            result = fine_tune(args.model, SfpConfig(rate=rate, round_to="auto"), args, folder,
+                               "uniform")  # fmt: skip
+            data["arms"]["uniform"] = {**result, "rate": rate}
+            rows.append(_row(f"uniform rate {rate:.3f}", chosen, result))
+    headers = ["widths", "speedup when chosen", "speedup of the file (compress)", "MACs kept",
+               "top-1"]  # fmt: skip
+    start = next(iter(data["arms"].values()))["top1_before"]
     body = (
         f"Target {args.target:g}× at batch {args.batch}; budget {args.epochs} epochs × "
-        f"{args.train_limit} images, lr {args.lr}; start {planned['top1_before']:.2%}.\n\n"
-        f"{md_table(headers, rows)}\n\nplanned − uniform: **{gap * 100:+.2f} points**.\n"
+        f"{args.train_limit} images, lr {args.lr}; start {start:.2%}.\n\n"
+        f"{md_table(headers, rows)}\n"
     )
-    write_results(
-        run,
-        args.out,
-        title="Planned vs uniform widths at equal measured speedup",
-        body=body,
-        data={"planned": planned, "uniform": uniform, "rate": rate, "plan": plan.to_json()},
-    )
+    write_results(run, args.out, title="Planned vs uniform widths at equal measured speedup",
+                  body=body, data=data)  # fmt: skip
+
+
+def _row(label: str, chosen: float, result: dict) -> list[str]:
+    return [label, f"{chosen:.2f}×", f"{result['speedup']:.2f}×", f"{result['macs_kept']:.1%}",
+            f"{result['top1']:.2%}"]  # fmt: skip
 
 
 if __name__ == "__main__":

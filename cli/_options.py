@@ -1,10 +1,19 @@
-"""Options shared by the commands: ``--round-to`` takes a number, ``auto`` or ``none``."""
+"""Options shared by the commands: ``--round-to`` (a number, ``auto`` or ``none``), the data
+set options of ``compress`` and ``plan --sensitivity``, and the sensitivity options."""
 
 from __future__ import annotations
 
 import click
 
-__all__ = ["ROUND_TO", "RoundTo", "round_to_option"]
+__all__ = [
+    "DATA_OPTIONS",
+    "ROUND_TO",
+    "SENSITIVITY_OPTIONS",
+    "RoundTo",
+    "data_config",
+    "option_group",
+    "round_to_option",
+]
 
 
 class RoundTo(click.ParamType):
@@ -35,4 +44,71 @@ def round_to_option(help: str):
     return click.option(
         "--round-to", type=ROUND_TO, default="auto", show_default=True, metavar="K|auto|none",
         help=help,
+    )  # fmt: skip
+
+
+def option_group(*decorators):
+    """One decorator applying ``decorators`` in the order they are listed."""
+
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+DATA_OPTIONS = option_group(
+    click.option("--data", "data_name", type=click.Choice(["cifar10", "cifar100", "imagefolder"]),
+                 default="cifar10", show_default=True,
+                 help="Data set. cifar10/cifar100 download through torchvision unless "
+                 "--data-root holds them; imagefolder reads DATA_ROOT/train/<class>/* and "
+                 "DATA_ROOT/test/<class>/* (or val/)."),
+    click.option("--data-root", type=click.Path(),
+                 help="Data set folder: an ImageFolder tree with train/ and test/, or "
+                 "torchvision's CIFAR files. [default: download CIFAR to ~/.cache/sfp-onnx]"),
+    click.option("--train-limit", type=click.IntRange(min=1),
+                 help="Train on a seeded class-balanced subset of N images. [default: all]"),
+    click.option("--eval-limit", type=click.IntRange(min=1),
+                 help="Validate and test on seeded class-balanced subsets of N images. "
+                 "[default: all]"),
+    click.option("--val-split", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
+                 show_default=True,
+                 help="Share of the training images set aside for per-epoch validation "
+                 "(CIFAR-10: 5,000); the test set is measured before and after only. 0: none."),
+    click.option("--mean", type=float, nargs=3, default=None, metavar="R G B",
+                 help="Normalisation mean per channel. [default: the data set's preset]"),
+    click.option("--std", type=float, nargs=3, default=None, metavar="R G B",
+                 help="Normalisation std per channel. [default: the data set's preset]"),
+    click.option("--augment/--no-augment", default=True, show_default=True,
+                 help="Random crops and flips on the training images (printed at the start)."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Seeds the subsets, the shuffling, the augmentation and the weights' RNG."),
+    click.option("--in-memory/--stream", "decode", default=True, show_default=True,
+                 help="Decode a data set that fits (up to 4 GiB) once into memory and augment "
+                      "it in batches, or read and transform the files every epoch."),
+    click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+                 help="Data loader processes for data read from files (0: in-process)."),
+)  # fmt: skip
+SENSITIVITY_OPTIONS = option_group(
+    click.option("--sensitivity", is_flag=True,
+                 help="With a target: weigh each group by how much the loss rises when it alone "
+                 "is cut (BatchNorm re-estimated, on held-back training images) instead of by "
+                 "its filter norms. Costs a forward pass over --calibration-images (and 256 "
+                 "more) per cut measured: about 2 minutes for a CIFAR ResNet-20 on 2 cores."),
+    click.option("--calibration-images", type=click.IntRange(min=1), default=512,
+                 show_default=True,
+                 help="--sensitivity: held-back images the loss is measured on."),
+)  # fmt: skip
+
+
+def data_config(opts: dict):
+    """The :class:`~sfp_onnx.data.datasets.DataConfig` of the :data:`DATA_OPTIONS`."""
+    from sfp_onnx.data.datasets import DataConfig
+
+    return DataConfig(
+        name=opts["data_name"], root=opts["data_root"], mean=opts["mean"], std=opts["std"],
+        train_limit=opts["train_limit"], eval_limit=opts["eval_limit"],
+        val_split=opts["val_split"], seed=opts["seed"], augment=opts["augment"],
+        decode=opts["decode"],
     )  # fmt: skip

@@ -15,55 +15,20 @@ import sys
 from pathlib import Path
 
 import click
-from sfp_onnx.cli._options import round_to_option
+from sfp_onnx.cli._options import (
+    DATA_OPTIONS,
+    SENSITIVITY_OPTIONS,
+    data_config,
+    option_group,
+    round_to_option,
+)
 from sfp_onnx.cli._progress import CompressProgress
 from sfp_onnx.cli._render import console, render_report
 
 __all__ = ["compress"]
 
 
-def _options(*decorators):
-    def apply(function):
-        for decorator in reversed(decorators):
-            function = decorator(function)
-        return function
-
-    return apply
-
-
-_DATA = _options(
-    click.option("--data", "data_name", type=click.Choice(["cifar10", "cifar100", "imagefolder"]),
-                 default="cifar10", show_default=True,
-                 help="Data set. cifar10/cifar100 download through torchvision unless "
-                 "--data-root holds them; imagefolder reads DATA_ROOT/train/<class>/* and "
-                 "DATA_ROOT/test/<class>/* (or val/)."),
-    click.option("--data-root", type=click.Path(),
-                 help="Data set folder: an ImageFolder tree with train/ and test/, or "
-                 "torchvision's CIFAR files. [default: download CIFAR to ~/.cache/sfp-onnx]"),
-    click.option("--train-limit", type=click.IntRange(min=1),
-                 help="Train on a seeded class-balanced subset of N images. [default: all]"),
-    click.option("--eval-limit", type=click.IntRange(min=1),
-                 help="Validate and test on seeded class-balanced subsets of N images. "
-                 "[default: all]"),
-    click.option("--val-split", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
-                 show_default=True,
-                 help="Share of the training images set aside for per-epoch validation "
-                 "(CIFAR-10: 5,000); the test set is measured before and after only. 0: none."),
-    click.option("--mean", type=float, nargs=3, default=None, metavar="R G B",
-                 help="Normalisation mean per channel. [default: the data set's preset]"),
-    click.option("--std", type=float, nargs=3, default=None, metavar="R G B",
-                 help="Normalisation std per channel. [default: the data set's preset]"),
-    click.option("--augment/--no-augment", default=True, show_default=True,
-                 help="Random crops and flips on the training images (printed at the start)."),
-    click.option("--seed", type=int, default=0, show_default=True,
-                 help="Seeds the subsets, the shuffling, the augmentation and the weights' RNG."),
-    click.option("--in-memory/--stream", "decode", default=True, show_default=True,
-                 help="Decode a data set that fits (up to 4 GiB) once into memory and augment "
-                      "it in batches, or read and transform the files every epoch."),
-    click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-                 help="Data loader processes for data read from files (0: in-process)."),
-)  # fmt: skip
-_TRAINING = _options(
+_TRAINING = option_group(
     click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
                  help="Fine-tuning epochs."),
     click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.01,
@@ -83,7 +48,7 @@ _TRAINING = _options(
                  help="Under torchrun on CUDA: BatchNorm statistics over all GPUs' batches "
                  "(SyncBatchNorm), for small per-GPU batches."),
 )  # fmt: skip
-_PRUNING = _options(
+_PRUNING = option_group(
     click.option("--method", type=click.Choice(["soft-mask", "sfp-paper"]), default="soft-mask",
                  show_default=True,
                  help="soft-mask: whole channels masked in the forward pass, re-chosen during "
@@ -123,7 +88,7 @@ _PRUNING = _options(
                  help="BN-folded exports: train with a BatchNorm after each convolution no "
                  "norm reads, folded back exactly before writing."),
 )  # fmt: skip
-_DISTILL = _options(
+_DISTILL = option_group(
     click.option("--distill/--no-distill", default=True, show_default=True,
                  help="Distil from MODEL itself (imported again, frozen): the loss mixes cross "
                  "entropy with the KL divergence to its softened outputs. Costs one extra "
@@ -137,7 +102,7 @@ _DISTILL = _options(
                  help="Distil from this ONNX model instead (same input size and classes), e.g. "
                  "the unpruned original when MODEL was pruned already."),
 )  # fmt: skip
-_OUTPUTS = _options(
+_OUTPUTS = option_group(
     click.option("--workdir", type=click.Path(file_okay=False),
                  help="Checkpoint and metrics.csv folder, written every epoch. [default: "
                  "OUTPUT.work, removed once OUTPUT is written; a folder you name is kept]"),
@@ -181,7 +146,8 @@ _OUTPUTS = _options(
               help="Instead of --rate: plan widths whose file runs under this (ms).")  # fmt: skip
 @click.option("--max-rate", type=float, default=0.7, show_default=True,
               help="With a target: no group loses more than this fraction.")  # fmt: skip
-@_DATA
+@DATA_OPTIONS
+@SENSITIVITY_OPTIONS
 @_TRAINING
 @_PRUNING
 @_DISTILL
@@ -229,36 +195,13 @@ def _configs(model: str, opts: dict):
     """The library's configs from the options (validated as they are built)."""
     from dataclasses import replace
 
-    from sfp_onnx.api import resolve_plan
-    from sfp_onnx.data.datasets import DataConfig
     from sfp_onnx.pipeline import CompressOptions
     from sfp_onnx.training.objectives import DistillConfig
     from sfp_onnx.training.sfp import SfpConfig
     from sfp_onnx.training.train import TrainConfig
 
-    data = DataConfig(
-        name=opts["data_name"], root=opts["data_root"], mean=opts["mean"], std=opts["std"],
-        train_limit=opts["train_limit"], eval_limit=opts["eval_limit"],
-        val_split=opts["val_split"], seed=opts["seed"], augment=opts["augment"],
-        decode=opts["decode"],
-    )  # fmt: skip
-    from sfp_onnx.speed_targets import default_cache_dir
-
-    speed_target = opts["target_speedup"] is not None or opts["target_latency_ms"] is not None
-    if speed_target and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise click.UsageError(  # each rank would time its own plan
-            "under torchrun, plan a speed target first (`sfp-onnx plan --target-speedup ... "
-            "-o plan.json`) and pass --plan plan.json"
-        )
-    provider = "cpu" if opts["provider"] == "auto" else opts["provider"]
-    plan = resolve_plan(
-        model, rate=opts["rate"], plan=opts["plan_path"], target_macs=opts["target_macs"],
-        target_speedup=opts["target_speedup"], target_latency_ms=opts["target_latency_ms"],
-        speed={"round_to": opts["round_to"], "max_rate": opts["max_rate"],
-               "criterion": opts["criterion"], "batch": opts["bench_batch"],
-               "provider": provider, "cache_dir": default_cache_dir(),
-               "progress": console.print},
-    )  # fmt: skip
+    data = data_config(opts)
+    plan = _plan(model, opts)
     sfp = SfpConfig(**{**{k: opts[k] for k in _SFP_KEYS}, "rate": opts["rate"] or 0.0})
     if plan is not None:  # the plan's widths, its rounding; rate: its share, for the record
         sfp = replace(sfp, plan=plan, rate=plan.removed_share, round_to=plan.round_to)
@@ -286,6 +229,36 @@ def _configs(model: str, opts: dict):
                 "options": options}  # fmt: skip
 
     return with_progress
+
+
+def _plan(model: str, opts: dict):
+    """The plan a target asks for (timed, or weighed by --sensitivity), or None (--rate)."""
+    from sfp_onnx.cli.plan import measured_sensitivity
+
+    from sfp_onnx.api import resolve_plan
+    from sfp_onnx.speed_targets import default_cache_dir
+
+    speed_target = opts["target_speedup"] is not None or opts["target_latency_ms"] is not None
+    target = speed_target or opts["target_macs"] is not None
+    if (speed_target or opts["sensitivity"]) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.UsageError(  # each rank would time or measure its own plan
+            "under torchrun, make the plan first (`sfp-onnx plan --target-speedup ... "
+            "[--sensitivity] -o plan.json`) and pass --plan plan.json"
+        )
+    if opts["sensitivity"] and not target:
+        raise click.UsageError("--sensitivity weighs the widths of a target; give --target-macs, "
+                               "--target-speedup or --target-latency-ms")  # fmt: skip
+    provider = "cpu" if opts["provider"] == "auto" else opts["provider"]
+    exactly_one = target and opts["rate"] is None and not opts["plan_path"]
+    return resolve_plan(
+        model, rate=opts["rate"], plan=opts["plan_path"], target_macs=opts["target_macs"],
+        target_speedup=opts["target_speedup"], target_latency_ms=opts["target_latency_ms"],
+        speed={"round_to": opts["round_to"], "max_rate": opts["max_rate"],
+               "criterion": opts["criterion"], "batch": opts["bench_batch"],
+               "sensitivity": measured_sensitivity(model, opts) if exactly_one else None,
+               "provider": provider, "cache_dir": default_cache_dir(),
+               "progress": console.print},
+    )  # fmt: skip
 
 
 _SFP_KEYS = (

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import click
+from rich.progress import Progress
 from rich.table import Table
-from sfp_onnx.cli._options import round_to_option
+from sfp_onnx.cli._options import DATA_OPTIONS, SENSITIVITY_OPTIONS, round_to_option
 from sfp_onnx.cli._render import console, human, status
 
 import sfp_onnx
 
-__all__ = ["plan"]
+__all__ = ["measured_sensitivity", "plan"]
 
 
 @click.command()
@@ -59,6 +60,8 @@ __all__ = ["plan"]
     "-o", "--output", type=click.Path(dir_okay=False),
     help="Write the plan as JSON here (for `prune --plan` and `compress --plan`).",
 )  # fmt: skip
+@SENSITIVITY_OPTIONS
+@DATA_OPTIONS
 def plan(model: str, output: str | None, **opts) -> None:
     """Choose how many channels each group of MODEL keeps, to meet a MACs or speed budget.
 
@@ -73,10 +76,15 @@ def plan(model: str, output: str | None, **opts) -> None:
     `bench`; a few seconds to minutes per round), until the measured speedup is within 3%;
     the timings are cached, so a rerun measures nothing it already has.
 
+    With --sensitivity (and the data options, as compress takes them) each group is weighed
+    instead by the loss rise measured when it alone is cut to each candidate width, with
+    BatchNorm statistics re-estimated, on images held back from the training set.
+
     \b
     Examples:
       sfp-onnx plan model.onnx --target-macs 0.5 -o plan.json
       sfp-onnx plan model.onnx --target-speedup 2 --bench-batch 32 -o plan.json
+      sfp-onnx plan model.onnx --target-macs 0.5 --sensitivity --data cifar10 -o plan.json
       sfp-onnx prune model.onnx --plan plan.json -o model.slim.onnx
       sfp-onnx compress model.onnx --plan plan.json --data cifar10 -o model.slim.onnx
     """
@@ -87,6 +95,7 @@ def plan(model: str, output: str | None, **opts) -> None:
         raise click.UsageError(
             "give exactly one of --target-macs, --target-speedup and --target-latency-ms"
         )
+    opts["measured"] = measured_sensitivity(model, opts)
     result = _speed_plan(model, opts) if speed else _macs_plan(model, opts)
     if output:
         from sfp_onnx._io import write_json
@@ -103,7 +112,33 @@ def _macs_plan(model: str, opts: dict):
         return sfp_onnx.make_plan(
             model, target_macs=opts["target_macs"], round_to=opts["round_to"],
             max_rate=opts["max_rate"], criterion=opts["criterion"],
+            sensitivity=opts["measured"],
         )  # fmt: skip
+
+
+def measured_sensitivity(model: str, opts: dict):
+    """The ``--sensitivity`` measurement for MODEL (None without the flag), with progress."""
+    if not opts["sensitivity"]:
+        return None
+    from sfp_onnx.cli._options import data_config
+
+    config = sfp_onnx.SensitivityConfig(
+        calibration_images=opts["calibration_images"], seed=opts["seed"]
+    )
+    with Progress(*Progress.get_default_columns(), console=console, transient=True) as bar:
+        task = bar.add_task("measuring sensitivity (cuts)", total=None)
+        result = sfp_onnx.measure_plan_sensitivity(
+            model, data_config(opts), round_to=opts["round_to"], max_rate=opts["max_rate"],
+            criterion=opts["criterion"], config=config,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )  # fmt: skip
+    cuts = sum(len(by) for by in result.rises.values())
+    console.print(
+        f"sensitivity: {cuts} cuts of {len(result.rises)} groups measured on "
+        f"{result.calibration_images} held-back images in {result.seconds:.0f} s "
+        f"(whole-network loss {result.base_loss:.4f})"
+    )
+    return result
 
 
 def _speed_plan(model: str, opts: dict):
@@ -114,7 +149,8 @@ def _speed_plan(model: str, opts: dict):
         model, target_speedup=opts["target_speedup"],
         target_latency_ms=opts["target_latency_ms"], batch=opts["bench_batch"],
         provider=opts["provider"], round_to=opts["round_to"], max_rate=opts["max_rate"],
-        criterion=opts["criterion"], cache_dir=cache, progress=console.print,
+        criterion=opts["criterion"], sensitivity=opts["measured"], cache_dir=cache,
+        progress=console.print,
     )  # fmt: skip
     if opts["strict"] and not result.measured["within_5_percent"]:
         from sfp_onnx.errors import UsageError

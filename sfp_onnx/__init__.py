@@ -20,6 +20,7 @@ __all__ = [
     "CompressOptions",
     "DataConfig",
     "Plan",
+    "SensitivityConfig",
     "SfpConfig",
     "TrainConfig",
     "__version__",
@@ -29,6 +30,7 @@ __all__ = [
     "evaluate_onnx",
     "make_plan",
     "measure_model",
+    "measure_plan_sensitivity",
     "prune",
     "read_plan",
     "slim",
@@ -51,6 +53,8 @@ _LAZY = {
     "make_plan": "sfp_onnx.planning",
     "read_plan": "sfp_onnx.planning",
     "Plan": "sfp_onnx.planning",
+    "measure_plan_sensitivity": "sfp_onnx.planning",
+    "SensitivityConfig": "sfp_onnx.training.sensitivity",
 }
 
 

@@ -280,7 +280,8 @@ def resolve_plan(
 ) -> Plan | None:
     """The plan a run asks for: read from ``plan``, made for a target, or None (``rate``).
 
-    ``speed`` holds the allocation settings (``round_to``, ``max_rate``, ``criterion``) and,
+    ``speed`` holds the allocation settings (``round_to``, ``max_rate``, ``criterion``, and a
+    measured ``sensitivity`` from :func:`sfp_onnx.planning.measure_plan_sensitivity`) and,
     for a speed target, how to time it (``batch``, ``provider``, ``cache_dir``; see
     :func:`sfp_onnx.speed_targets.plan_for_speed`).
 
@@ -297,10 +298,17 @@ def resolve_plan(
         raise UsageError(f"give exactly one of {', '.join(n for n, _ in options)}{said}")
     settings = dict(speed or {})
     allocation = {
-        k: settings.pop(k) for k in ("round_to", "max_rate", "criterion") if k in settings
+        k: settings.pop(k)
+        for k in ("round_to", "max_rate", "criterion", "sensitivity")
+        if k in settings
     }
     if allocation.get("criterion") not in CRITERIA:
         allocation["criterion"] = "l2"  # taylor is measured in training; plans weigh filters
+    if allocation.get("sensitivity") is not None and (rate is not None or plan is not None):
+        raise UsageError(
+            "--sensitivity weighs the widths of a target; give --target-macs, --target-speedup "
+            "or --target-latency-ms instead of " + ("--rate" if plan is None else "--plan")
+        )
     if plan is not None:
         return read_plan(plan)
     if target_macs is not None:

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
 from sfp_onnx._io import write_json
 from sfp_onnx._version import __version__
 from sfp_onnx.errors import UsageError
-from sfp_onnx.graph.allocate import MacsModel, allocate_widths, width_step
+from sfp_onnx.graph.allocate import MacsModel, allocate_widths, candidate_widths, width_step
 from sfp_onnx.graph.analyze import analyze_model
 from sfp_onnx.graph.groups import Analysis
 from sfp_onnx.graph.load import load_model
@@ -30,7 +30,11 @@ from sfp_onnx.graph.measure import count_layer_costs
 from sfp_onnx.graph.soft_prune import CRITERIA
 from sfp_onnx.runtime.target import resolve_round_to
 
-__all__ = ["Plan", "PlanGroup", "make_plan", "read_plan"]
+if TYPE_CHECKING:
+    from sfp_onnx.data.datasets import DataConfig
+    from sfp_onnx.training.sensitivity import Sensitivity, SensitivityConfig
+
+__all__ = ["Plan", "PlanGroup", "make_plan", "measure_plan_sensitivity", "read_plan"]
 
 PathLike = str | os.PathLike
 _FORMAT = "sfp-onnx plan 1"
@@ -60,6 +64,8 @@ class Plan:
         reached: False when every group is at its floor and the target is still above.
         measured: for a speed target, how the plan's pruned file ran when it was timed
             (:mod:`sfp_onnx.speed_targets`); None for a MACs target.
+        importance: what the widths weighed: ``filters`` (the filter scores' shares) or
+            ``sensitivity`` (measured loss rises, kept in ``sensitivity``).
     """
 
     model: str
@@ -72,6 +78,8 @@ class Plan:
     predicted_macs: float
     reached: bool
     measured: dict[str, object] | None = None
+    importance: str = "filters"
+    sensitivity: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (what ``plan -o`` writes and ``prune --plan`` reads)."""
@@ -128,6 +136,7 @@ def make_plan(
     round_to: int | str | None = None,
     max_rate: float = 0.7,
     criterion: str = "l2",
+    sensitivity: Sensitivity | None = None,
     output: PathLike | None = None,
 ) -> Plan:
     """Choose per-group widths that keep ``target_macs`` of the model's MACs.
@@ -138,6 +147,8 @@ def make_plan(
         round_to: kept widths are multiples of this (``"auto"``: this machine's kernels).
         max_rate: no group loses more than this fraction of its channels.
         criterion: the filter score behind the choice (``l2``, ``l1``, ``fpgm``).
+        sensitivity: measured loss rises per group and width
+            (:func:`measure_plan_sensitivity`) to weigh instead of the filter scores' shares.
         output: also write the plan's JSON here.
     """
     if criterion not in CRITERIA:
@@ -151,6 +162,7 @@ def make_plan(
     allocation = allocate_widths(
         ir_model, analysis, macs_model, target_fraction=target_macs, round_to=multiple,
         max_rate=max_rate, criterion=criterion,
+        costs=sensitivity.rises if sensitivity is not None else None,
     )  # fmt: skip
     groups = {g.id: g for g in analysis.groups}
     plan = Plan(
@@ -163,10 +175,52 @@ def make_plan(
         ),
         full_macs=allocation.full_macs, predicted_macs=allocation.predicted_macs,
         reached=allocation.reached,
+        importance="filters" if sensitivity is None else "sensitivity",
+        sensitivity=sensitivity.to_json() if sensitivity is not None else None,
     )  # fmt: skip
     if output is not None:
         write_json(output, plan.to_json())
     return plan
+
+
+def measure_plan_sensitivity(
+    model: PathLike,
+    data: DataConfig,
+    *,
+    round_to: int | str | None = None,
+    max_rate: float = 0.7,
+    criterion: str = "l2",
+    config: SensitivityConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Sensitivity:
+    """Measure how the loss rises when each group alone is cut to each width a plan may give.
+
+    The candidate widths are those :func:`make_plan` can choose (``round_to``, ``max_rate``),
+    at most ``config.widths_per_group`` per group. The loss is measured on the data's
+    validation split (held back from the training images; 10% when ``data`` sets none), the
+    BatchNorm statistics re-estimated on training batches
+    (:func:`sfp_onnx.training.sensitivity.measure_sensitivity`).
+    """
+    # torch and the data stage load here only: a MACs plan needs neither
+    from sfp_onnx.data.datasets import load_datasets
+    from sfp_onnx.runtime.evaluate import read_signature
+    from sfp_onnx.training.sensitivity import SensitivityConfig, measure_sensitivity
+
+    config = config or SensitivityConfig()
+    multiple = resolve_round_to(round_to)
+    ir_model = load_model(model)
+    analysis = analyze_model(ir_model)
+    widths = {
+        g.id: candidate_widths(g, multiple, max_rate, config.widths_per_group)
+        for g in analysis.prunable_groups if g.filters
+    }  # fmt: skip
+    signature = read_signature(model)
+    split = replace(data, val_split=data.val_split or 0.1, seed=config.seed)
+    datasets = load_datasets(split, signature.input_size[1:], channels=signature.input_size[0])
+    return measure_sensitivity(
+        ir_model, datasets.train, datasets.val, widths, criterion=criterion, config=config,
+        progress=progress,
+    )  # fmt: skip
 
 
 def read_plan(path: PathLike) -> Plan:

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sfp_onnx._io import write_json
 from sfp_onnx.errors import UsageError
@@ -32,6 +33,9 @@ from sfp_onnx.graph.zeros import removable_channels
 from sfp_onnx.planning import Plan, make_plan
 from sfp_onnx.runtime.bench import BenchConfig, benchmark, machine_info
 from sfp_onnx.runtime.target import resolve_round_to
+
+if TYPE_CHECKING:
+    from sfp_onnx.training.sensitivity import Sensitivity
 
 __all__ = ["SpeedPoint", "default_cache_dir", "plan_for_speed"]
 
@@ -64,6 +68,7 @@ def plan_for_speed(
     round_to: int | str | None = None,
     max_rate: float = 0.7,
     criterion: str = "l2",
+    sensitivity: Sensitivity | None = None,
     cache_dir: PathLike | None = None,
     tolerance: float = 0.03,
     rounds: int = 6,
@@ -73,8 +78,10 @@ def plan_for_speed(
     """The plan whose pruned file runs ``target_speedup``× faster (or under the latency).
 
     Each round times the candidate and the original interleaved for about ``seconds`` (at
-    least 10 runs each, at most 500). Returns the plan (its ``target`` says what was asked,
-    ``measured`` what the chosen plan's file did) and every timed point, cached ones included.
+    least 10 runs each, at most 500). With ``sensitivity`` the widths weigh the measured loss
+    rises instead of the filter scores (:func:`~sfp_onnx.planning.make_plan`). Returns the
+    plan (its ``target`` says what was asked, ``measured`` what the chosen plan's file did)
+    and every timed point, cached ones included.
     """
     if (target_speedup is None) == (target_latency_ms is None):
         raise UsageError("give exactly one of --target-speedup and --target-latency-ms")
@@ -85,7 +92,8 @@ def plan_for_speed(
     say = progress or (lambda _message: None)
     multiple = resolve_round_to(round_to)
     settings = {"batch": batch, "provider": provider, "round_to": multiple,
-                "max_rate": max_rate, "criterion": criterion}  # fmt: skip
+                "max_rate": max_rate, "criterion": criterion,
+                "importance": _importance_key(sensitivity)}  # fmt: skip
     cache = _Cache(model, settings, cache_dir)
     points = cache.load()
     if points:
@@ -100,14 +108,14 @@ def plan_for_speed(
         if any(math.isclose(p.macs_target, fraction, rel_tol=1e-6) for p in points):
             break  # the search has converged on a point it already measured
         say(f"timing the plan for {fraction:.1%} of the MACs (goal {goal:.2f}x)")
-        point = _time_plan(model, fraction, settings, seconds)
+        point = _time_plan(model, fraction, settings, seconds, sensitivity)
         say(f"  {point.speedup:.2f}x ({point.latency_ms:.3g} ms vs {point.base_latency_ms:.3g} ms)")
         points.append(point)
         cache.save(points)
     goal = _goal(points, target_speedup, target_latency_ms)
     best = _closest(points, goal)
     plan = make_plan(model, target_macs=best.macs_target, round_to=multiple, max_rate=max_rate,
-                     criterion=criterion)  # fmt: skip
+                     criterion=criterion, sensitivity=sensitivity)  # fmt: skip
     target = {"speedup": target_speedup} if target_speedup else {"latency_ms": target_latency_ms}
     measured = {**asdict(best), "batch": batch, "provider": provider,
                 "within_5_percent": abs(best.speedup / goal - 1) <= 0.05}  # fmt: skip
@@ -148,10 +156,14 @@ def _next_fraction(points: list[SpeedPoint], goal: float, floor: float) -> float
     return min(1.0, max(fraction, floor * floor))
 
 
-def _time_plan(model: PathLike, fraction: float, settings: dict, seconds: float) -> SpeedPoint:
+def _time_plan(
+    model: PathLike, fraction: float, settings: dict, seconds: float,
+    sensitivity: Sensitivity | None,
+) -> SpeedPoint:  # fmt: skip
     """Plan for ``fraction`` of the MACs, prune to it, time it against the original."""
     plan = make_plan(model, target_macs=fraction, round_to=settings["round_to"],
-                     max_rate=settings["max_rate"], criterion=settings["criterion"])  # fmt: skip
+                     max_rate=settings["max_rate"], criterion=settings["criterion"],
+                     sensitivity=sensitivity)  # fmt: skip
     batch, provider = (settings["batch"],), settings["provider"]
     with tempfile.TemporaryDirectory(prefix="sfp-onnx-speed-") as folder:
         pruned = Path(folder) / "candidate.onnx"
@@ -166,6 +178,14 @@ def _time_plan(model: PathLike, fraction: float, settings: dict, seconds: float)
     base, candidate = (r.latency_ms["p50"] for r in report.results)
     return SpeedPoint(fraction, plan.predicted_macs / plan.full_macs, base / candidate,
                       candidate, base)  # fmt: skip
+
+
+def _importance_key(sensitivity: Sensitivity | None) -> str:
+    """What the widths weigh, for the cache key: other measured rises, other plans."""
+    if sensitivity is None:
+        return "filters"
+    text = json.dumps(sensitivity.to_json()["rises"], sort_keys=True)
+    return "sensitivity-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _write_pruned(model: PathLike, plan: Plan, criterion: str, path: Path) -> None:

@@ -161,6 +161,7 @@ def _cli_error(args: list[str]) -> str:
         (["--rate", "1.5"], "rate must be in [0, 1)"),
         (["--target-macs", "0.5"], "give exactly one of --rate, --plan, --target-macs"),
         (["--plan", "/nonexistent/plan.json"], "give exactly one of --rate, --plan, --target-macs"),
+        (["--sensitivity"], "--sensitivity weighs the widths of a target"),
     ],
 )
 def test_bad_compress_inputs_give_one_line(resnet8, tmp_path, extra, expected):
