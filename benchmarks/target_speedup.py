@@ -71,7 +71,8 @@ def measure(spec: str, batch: int, target: float, args, folder: Path) -> dict:
         "search_speedup": plan.measured["speedup"], "retimed_speedup": retimed,
         "error": retimed / target - 1, "macs_kept": macs,
         "predicted_macs_kept": plan.predicted_macs / plan.full_macs,
-        "rounds": sum(r.startswith("timing") for r in rounds), "points": len(points),
+        "rounds": sum(r.startswith(("timing", "confirming")) for r in rounds),
+        "points": len(points),
         "retime_runs": runs, "search_seconds": round(search_s, 1), "reached": plan.reached,
         "round_to": plan.round_to,
     }  # fmt: skip

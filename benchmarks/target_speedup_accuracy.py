@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-limit", type=int, default=10000)
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=0, help="the fine-tunes' seed")
     parser.add_argument("--out", type=Path, default=default_out(False))
     parser.add_argument("--name", default="target_speedup_accuracy")
     parser.add_argument(
@@ -70,8 +71,8 @@ def uniform_rate_for(model: Path, speedup: float, batch: int, folder: Path) -> t
 
 
 def fine_tune(model: Path, sfp: SfpConfig, args, folder: Path, name: str) -> dict:
-    data = DataConfig("cifar10", root=args.data_root, train_limit=args.train_limit, seed=0)
-    training = TrainConfig(epochs=args.epochs, lr=args.lr, workers=0, seed=0)
+    data = DataConfig("cifar10", root=args.data_root, train_limit=args.train_limit, seed=args.seed)
+    training = TrainConfig(epochs=args.epochs, lr=args.lr, workers=0, seed=args.seed)
     options = CompressOptions(
         workdir=folder / f"{name}.work", bench_batch=args.batch, bench_runs=50
     )
@@ -127,7 +128,7 @@ def main() -> None:
     start = next(iter(data["arms"].values()))["top1_before"]
     body = (
         f"Target {args.target:g}× at batch {args.batch}; budget {args.epochs} epochs × "
-        f"{args.train_limit} images, lr {args.lr}; start {start:.2%}.\n\n"
+        f"{args.train_limit} images, lr {args.lr}, seed {args.seed}; start {start:.2%}.\n\n"
         f"{md_table(headers, rows)}\n"
     )
     write_results(run, args.out, title="Planned vs uniform widths at equal measured speedup",

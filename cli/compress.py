@@ -146,6 +146,10 @@ _OUTPUTS = option_group(
               help="Instead of --rate: plan widths whose file runs under this (ms).")  # fmt: skip
 @click.option("--max-rate", type=float, default=0.7, show_default=True,
               help="With a target: no group loses more than this fraction.")  # fmt: skip
+@click.option("--timing-seconds", type=click.FloatRange(min=0.5), default=10.0,
+              show_default=True,
+              help="--target-speedup/--target-latency-ms: seconds each candidate is timed "
+              "per round (as `plan --timing-seconds`).")  # fmt: skip
 @DATA_OPTIONS
 @SENSITIVITY_OPTIONS
 @_TRAINING
@@ -257,6 +261,7 @@ def _plan(model: str, opts: dict):
                "criterion": opts["criterion"], "batch": opts["bench_batch"],
                "sensitivity": measured_sensitivity(model, opts) if exactly_one else None,
                "provider": provider, "cache_dir": default_cache_dir(),
+               "seconds": opts["timing_seconds"],
                "progress": console.print},
     )  # fmt: skip
 

@@ -48,6 +48,11 @@ __all__ = ["measured_sensitivity", "plan"]
     show_default=True, help="Speed targets: the onnxruntime provider timed.",
 )  # fmt: skip
 @click.option(
+    "--timing-seconds", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+    help="Speed targets: how long each candidate and MODEL are timed per round (the plan "
+    "that looks like the answer is timed again for twice as long).",
+)  # fmt: skip
+@click.option(
     "--cache-dir", type=click.Path(file_okay=False), default=None,
     help="Speed targets: where timed plans are kept for reruns (default: "
     "$XDG_CACHE_HOME/sfp-onnx, else ~/.cache/sfp-onnx).",
@@ -73,8 +78,9 @@ def plan(model: str, output: str | None, **opts) -> None:
 
     With --target-speedup or --target-latency-ms the MACs target is searched instead: each
     round plans, prunes and times the file against MODEL in onnxruntime (interleaved, as
-    `bench`; a few seconds to minutes per round), until the measured speedup is within 3%;
-    the timings are cached, so a rerun measures nothing it already has.
+    `bench`, --timing-seconds per round), until the measured speedup is within 3%, and the
+    plan that looks like the answer is timed again for longer to confirm it; the timings are
+    cached, so a rerun measures nothing it already has.
 
     With --sensitivity (and the data options, as compress takes them) each group is weighed
     instead by the loss rise measured when it alone is cut to each candidate width, with
@@ -150,7 +156,7 @@ def _speed_plan(model: str, opts: dict):
         target_latency_ms=opts["target_latency_ms"], batch=opts["bench_batch"],
         provider=opts["provider"], round_to=opts["round_to"], max_rate=opts["max_rate"],
         criterion=opts["criterion"], sensitivity=opts["measured"], cache_dir=cache,
-        progress=console.print,
+        seconds=opts["timing_seconds"], progress=console.print,
     )  # fmt: skip
     if opts["strict"] and not result.measured["within_5_percent"]:
         from sfp_onnx.errors import UsageError

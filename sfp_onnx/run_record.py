@@ -113,8 +113,10 @@ def _describe_plan(sfp) -> str:
     plan = sfp.plan
     narrowed = sum(g.kept < g.channels for g in plan.groups)
     target = ", ".join(f"{k} {v:g}" for k, v in plan.target.items())
+    sensitive = plan.importance == "sensitivity"
+    weighed = "measured sensitivity" if sensitive else f"{plan.criterion} scores"
     return (
-        f"pruning: {sfp.method} to a plan ({target}; {plan.criterion} scores): {narrowed} of "
+        f"pruning: {sfp.method} to a plan ({target}; widths weigh {weighed}): {narrowed} of "
         f"{len(plan.groups)} groups narrowed, {plan.removed_share:.1%} of their channels "
         f"removed, {plan.predicted_macs / plan.full_macs:.1%} of the MACs predicted to stay; "
         f"{_how(sfp)}"

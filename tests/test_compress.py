@@ -321,7 +321,8 @@ def test_compress_to_a_speed_target_reports_planned_and_measured_speed(
     out, report = tmp_path / "slim.onnx", tmp_path / "r.json"
     args = [
         "compress", str(resnet8), "--target-speedup", "1.3", "--bench-batch", "8",
-        "--data", "cifar10", "--data-root", str(cifar10_root()), "--epochs", "1",
+        "--timing-seconds", "2", "--data", "cifar10", "--data-root", str(cifar10_root()),
+        "--epochs", "1",
         "--train-limit", "128", "--eval-limit", "64", "--workers", "0",
         "-o", str(out), "--report", str(report), "--workdir", str(tmp_path / "w"),
     ]  # fmt: skip

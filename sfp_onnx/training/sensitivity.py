@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -122,16 +123,11 @@ def measure_sensitivity(
     groups = [g for g in trainable_groups(analysis.groups) if widths.get(g.id)]
     check_linked(imported, groups)
     gates = ChannelGates(imported, model, analysis, groups)
-    norm_batches = _draw(train_set, config, config.norm_batches, shuffle=True, device=device)
-    limit = -(-config.calibration_images // config.batch_size)
-    calibration = _draw(calibration_set, config, limit, shuffle=False, device=device)
-    if calibration:  # exactly the images asked for (the last batch cut to fit)
-        extra = sum(len(labels) for _, labels in calibration) - config.calibration_images
-        images, labels = calibration[-1]
-        calibration[-1] = (
-            images[: len(labels) - max(extra, 0)],
-            labels[: len(labels) - max(extra, 0)],
-        )
+    norm_images = config.norm_batches * config.batch_size
+    norm_batches = _draw(train_set, config, norm_images, shuffle=True, device=device)
+    calibration = _draw(
+        calibration_set, config, config.calibration_images, shuffle=False, device=device
+    )
     arrays = imported.arrays(scoring_tensors(groups))
     try:
         base = _loss(imported.module, norm_batches, calibration)
@@ -140,7 +136,7 @@ def measure_sensitivity(
         for group in groups:
             score = score_group(group, arrays, criterion)
             for width in widths[group.id]:
-                values = torch.ones(group.channels).numpy()
+                values = np.ones(group.channels, dtype=np.float32)
                 values[select_channels(score, group.channels - width, group.parts)] = 0.0
                 gates.set(group.id, values)  # every cut re-estimates the statistics afresh
                 rises.setdefault(group.id, {})[int(width)] = (
@@ -149,7 +145,7 @@ def measure_sensitivity(
                 done += 1
                 if progress is not None:
                     progress(done, total)
-            gates.set(group.id, torch.ones(group.channels).numpy())
+            gates.set(group.id, np.ones(group.channels, dtype=np.float32))
     finally:
         gates.remove()
     images = sum(len(labels) for _, labels in calibration)
@@ -162,18 +158,20 @@ def measure_sensitivity(
 
 
 def _draw(
-    dataset: Dataset, config: SensitivityConfig, batches: int, *, shuffle: bool, device
+    dataset: Dataset, config: SensitivityConfig, images: int, *, shuffle: bool, device
 ) -> Batches:
-    """The first ``batches`` batches of ``dataset``, held so every cut sees the same images."""
-    if batches < 1:
-        return []
-    torch.manual_seed(config.seed)  # in-process augmentation draws from the global generator
-    loader = create_loader(dataset, config.batch_size, shuffle=shuffle, seed=config.seed, workers=0)
-    out = []
-    for images, labels in loader:
-        out.append((images.to(device), labels.to(device)))
-        if len(out) >= batches:
-            break
+    """The first ``images`` images of ``dataset`` in batches, held so every cut sees them."""
+    out, count = [], 0
+    with torch.random.fork_rng():  # in-process augmentation draws from the global generator
+        torch.manual_seed(config.seed)
+        loader = create_loader(dataset, config.batch_size, shuffle=shuffle, seed=config.seed,
+                               workers=0)  # fmt: skip
+        for batch, labels in loader:
+            if count >= images:
+                break
+            take = min(len(labels), images - count)
+            out.append((batch[:take].to(device), labels[:take].to(device)))
+            count += take
     return out
 
 
