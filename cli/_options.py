@@ -91,11 +91,12 @@ DATA_OPTIONS = option_group(
                  help="Data loader processes for data read from files (0: in-process)."),
 )  # fmt: skip
 SENSITIVITY_OPTIONS = option_group(
-    click.option("--sensitivity", is_flag=True,
+    click.option("--sensitivity/--no-sensitivity", default=None,
                  help="With a target: weigh each group by how much the loss rises when it alone "
                  "is cut (BatchNorm re-estimated, on held-back training images) instead of by "
                  "its filter norms. Costs a forward pass over --calibration-images (and 256 "
-                 "more) per cut measured: about 2 minutes for a CIFAR ResNet-20 on 2 cores."),
+                 "more) per cut measured: about 2 minutes for a CIFAR ResNet-20 on 2 cores. "
+                 "[default: on in compress with a target; off in plan, where it needs --data]"),
     click.option("--calibration-images", type=click.IntRange(min=1), default=512,
                  show_default=True,
                  help="--sensitivity: held-back images the loss is measured on."),

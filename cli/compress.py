@@ -244,14 +244,15 @@ def _plan(model: str, opts: dict):
 
     speed_target = opts["target_speedup"] is not None or opts["target_latency_ms"] is not None
     target = speed_target or opts["target_macs"] is not None
-    if (speed_target or opts["sensitivity"]) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise click.UsageError(  # each rank would time or measure its own plan
-            "under torchrun, make the plan first (`sfp-onnx plan --target-speedup ... "
-            "[--sensitivity] -o plan.json`) and pass --plan plan.json"
-        )
     if opts["sensitivity"] and not target:
         raise click.UsageError("--sensitivity weighs the widths of a target; give --target-macs, "
                                "--target-speedup or --target-latency-ms")  # fmt: skip
+    opts["sensitivity"] = target and opts["sensitivity"] is not False  # on for a target
+    if (speed_target or opts["sensitivity"]) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.UsageError(  # each rank would time or measure its own plan
+            "under torchrun, make the plan first (`sfp-onnx plan --target-speedup ... "
+            "--sensitivity --data ... -o plan.json`) and pass --plan plan.json"
+        )
     provider = "cpu" if opts["provider"] == "auto" else opts["provider"]
     exactly_one = target and opts["rate"] is None and not opts["plan_path"]
     return resolve_plan(

@@ -135,7 +135,8 @@ def measured_sensitivity(model: str, opts: dict):
         task = bar.add_task("measuring sensitivity (cuts)", total=None)
         result = sfp_onnx.measure_plan_sensitivity(
             model, data_config(opts), round_to=opts["round_to"], max_rate=opts["max_rate"],
-            criterion=opts["criterion"], config=config,
+            criterion=opts["criterion"] if opts["criterion"] != "taylor" else "l2",
+            config=config,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )  # fmt: skip
     cuts = sum(len(by) for by in result.rises.values())

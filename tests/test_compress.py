@@ -298,10 +298,11 @@ def test_compress_to_a_macs_target_trains_to_the_plans_widths(resnet8, tmp_path)
     ]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "to a plan (macs 0.6" in result.output
+    assert "to a plan (macs 0.6; widths weigh measured sensitivity)" in result.output
     data = json.loads(report.read_text())
     plan = data["settings"]["pruning"]["plan"]
     assert plan["target"] == {"macs": 0.6} and plan["reached"]
+    assert plan["importance"] == "sensitivity" and plan["sensitivity"]["rises"]  # the default
     assert data["macs"]["after"] == measure_model(out).macs == round(plan["predicted_macs"])
     assert data["macs"]["after"] <= 0.6 * data["macs"]["before"]
     rates = {round(1 - g["kept"] / g["channels"], 3) for g in plan["groups"]}
@@ -321,7 +322,8 @@ def test_compress_to_a_speed_target_reports_planned_and_measured_speed(
     out, report = tmp_path / "slim.onnx", tmp_path / "r.json"
     args = [
         "compress", str(resnet8), "--target-speedup", "1.3", "--bench-batch", "8",
-        "--timing-seconds", "2", "--data", "cifar10", "--data-root", str(cifar10_root()),
+        "--timing-seconds", "2", "--no-sensitivity", "--data", "cifar10",
+        "--data-root", str(cifar10_root()),
         "--epochs", "1",
         "--train-limit", "128", "--eval-limit", "64", "--workers", "0",
         "-o", str(out), "--report", str(report), "--workdir", str(tmp_path / "w"),
@@ -329,6 +331,7 @@ def test_compress_to_a_speed_target_reports_planned_and_measured_speed(
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "timing the plan for" in result.output and "speed target:" in result.output
+    assert "widths weigh l2 scores" in result.output  # --no-sensitivity
     plan = json.loads(report.read_text())["settings"]["pruning"]["plan"]
     assert plan["target"] == {"speedup": 1.3} and plan["measured"]["batch"] == 8
     assert list((tmp_path / "cache" / "sfp-onnx").glob("speed-*.json"))
