@@ -3,7 +3,9 @@
 This module owns the :class:`Plan` record (what a user reads, edits and passes back), its JSON
 form, and :func:`make_plan`, which loads a model, predicts its MACs for any widths
 (:class:`~sfp_onnx.graph.allocate.MacsModel`) and lets
-:func:`~sfp_onnx.graph.allocate.allocate_widths` choose them for a MACs target. A plan names
+:func:`~sfp_onnx.graph.allocate.allocate_widths` choose them for a MACs target, weighing the
+filter scores or the loss rises :func:`measure_plan_sensitivity` measures (it opens the data
+and hands the candidate widths to :mod:`sfp_onnx.training.sensitivity`). A plan names
 each group by id *and* by the layers that create its channels, so applying it to another
 model (or an edited one) is refused in one line instead of pruning the wrong channels.
 """
