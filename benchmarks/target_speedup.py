@@ -44,6 +44,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep the ONNX files here (default: temp)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
     parser.add_argument("--name", default="target_speedup", help="results file name")
+    parser.add_argument(
+        "--plot", nargs="+", type=Path, metavar="JSON",
+        help="no timing: draw the plot of these results files (into --out, as --name.png)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.out = args.out or default_out(False)
     return args
@@ -78,8 +82,49 @@ def measure(spec: str, batch: int, target: float, args, folder: Path) -> dict:
     }  # fmt: skip
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Speedup re-timed (filled) and seen by the search (hollow) against the target, per model
+    and batch; the ±5% band around "as asked"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    targets = sorted({r["target"] for r in rows})
+    span = [targets[0] * 0.9, targets[-1] * 1.1]
+    ax.plot(span, span, color="grey", linewidth=0.8)
+    ax.fill_between(span, [t * 0.95 for t in span], [t * 1.05 for t in span], color="grey",
+                    alpha=0.15, label="target ±5%")  # fmt: skip
+    cases: dict[tuple, list] = {}
+    for row in rows:
+        cases.setdefault((row["model"], row["batch"]), []).append(row)
+    for index, ((model, batch), points) in enumerate(sorted(cases.items())):
+        color = f"C{index % 10}"
+        points.sort(key=lambda r: r["target"])
+        xs = [r["target"] * (1 + 0.012 * (index - len(cases) / 2)) for r in points]
+        ax.plot(xs, [r["retimed_speedup"] for r in points], marker="o", color=color,
+                label=f"{model} b{batch}")  # fmt: skip
+        ax.scatter(xs, [r["search_speedup"] for r in points], facecolors="none",
+                   edgecolors=color)  # fmt: skip
+    ax.set_xlabel("target speedup")
+    ax.set_ylabel("measured speedup (filled: re-timed file; hollow: the search)")
+    ax.set_title("plan --target-speedup on this machine's CPU (onnxruntime)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     args = parse_args()
+    if args.plot:
+        import json
+
+        rows = [row for file in args.plot for row in json.loads(file.read_text())["rows"]]
+        plot(rows, args.out / f"{args.name}.png")
+        return
     run = Run(args.name)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,8 +148,10 @@ def main() -> None:
          r["rounds"], r["search_seconds"]] for r in rows
     ])  # fmt: skip
     within = sum(abs(r["error"]) <= 0.05 for r in rows)
+    plot(rows, args.out / f"{args.name}.png")
     body = (f"{within} of {len(rows)} within ±5% of the target when re-timed "
-            f"(round-to {args.round_to}).\n\n{table}\n")  # fmt: skip
+            f"(round-to {args.round_to}).\n\n{table}\n\n"
+            f"![measured against target speedup]({args.name}.png)\n")  # fmt: skip
     write_results(run, args.out, title="Speed targets: planned vs re-measured speedup",
                   body=body, data={"rows": rows})  # fmt: skip
 
