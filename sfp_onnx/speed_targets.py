@@ -108,9 +108,9 @@ def plan_for_speed(
             _confirm(model, best, points, settings, seconds, sensitivity, say)
             cache.save(points)
             continue
-        fraction = _next_fraction(points, goal, 1.0 - max_rate)
-        if any(math.isclose(p.macs_target, fraction, rel_tol=1e-6) for p in points):
-            break  # the search has converged on a point it already measured
+        fraction = _untried(points, _next_fraction(points, goal, 1.0 - max_rate), goal, max_rate)
+        if fraction is None:
+            break  # converged between two measurements, or nothing left to try on that side
         say(f"timing the plan for {fraction:.1%} of the MACs (goal {goal:.2f}x)")
         point = _time_plan(model, fraction, settings, seconds, sensitivity)
         say(f"  {point.speedup:.2f}x ({point.latency_ms:.3g} ms vs {point.base_latency_ms:.3g} ms)")
@@ -164,6 +164,31 @@ def _next_fraction(points: list[SpeedPoint], goal: float, floor: float) -> float
             exponent = max(0.3, math.log(near.speedup) / -math.log(near.macs_kept))
         fraction = near.macs_target * (near.speedup / goal) ** (1.0 / exponent)
     return min(1.0, max(fraction, floor * floor))
+
+
+def _untried(
+    points: list[SpeedPoint], fraction: float, goal: float, max_rate: float
+) -> float | None:
+    """``fraction``, or a step past every measurement if it was timed already; None if none.
+
+    Where the speed is not monotone in the MACs (widths the kernels handle badly) the fit
+    can propose a point it has measured; with every measurement on one side of the goal the
+    search then steps a fifth past the outermost one, towards the goal, instead of stopping.
+    """
+
+    def tried(value: float) -> bool:
+        return any(math.isclose(p.macs_target, value, rel_tol=1e-6) for p in points)
+
+    if not tried(fraction):
+        return fraction
+    targets = [p.macs_target for p in points]
+    if all(p.speedup < goal for p in points):
+        step = max(min(targets) * 0.8, (1.0 - max_rate) ** 2)
+    elif all(p.speedup >= goal for p in points):
+        step = min(max(targets) * 1.25, 1.0)
+    else:
+        return None
+    return None if tried(step) else step
 
 
 def _time_plan(
