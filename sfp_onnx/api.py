@@ -27,7 +27,7 @@ from sfp_onnx.graph.measure import count_layer_costs, measure_model, uncounted_o
 from sfp_onnx.graph.rewrite import rewrite_model
 from sfp_onnx.graph.soft_prune import CRITERIA, prune_count, soft_prune_model
 from sfp_onnx.graph.zeros import removable_channels
-from sfp_onnx.planning import Plan, make_plan, read_plan
+from sfp_onnx.planning import Plan, allocation_criterion, make_plan, read_plan
 from sfp_onnx.report import AnalysisReport, Report, summarize_group
 from sfp_onnx.runtime.target import resolve_round_to
 from sfp_onnx.runtime.verify import verify_models
@@ -302,8 +302,7 @@ def resolve_plan(
         for k in ("round_to", "max_rate", "criterion", "sensitivity")
         if k in settings
     }
-    if allocation.get("criterion") not in CRITERIA:
-        allocation["criterion"] = "l2"  # taylor is measured in training; plans weigh filters
+    allocation["criterion"] = allocation_criterion(allocation.get("criterion", "l2"))
     if allocation.get("sensitivity") is not None and (rate is not None or plan is not None):
         raise UsageError(
             "--sensitivity weighs the widths of a target; give --target-macs, --target-speedup "

@@ -36,7 +36,14 @@ if TYPE_CHECKING:
     from sfp_onnx.data.datasets import DataConfig
     from sfp_onnx.training.sensitivity import Sensitivity, SensitivityConfig
 
-__all__ = ["Plan", "PlanGroup", "make_plan", "measure_plan_sensitivity", "read_plan"]
+__all__ = [
+    "Plan",
+    "PlanGroup",
+    "allocation_criterion",
+    "make_plan",
+    "measure_plan_sensitivity",
+    "read_plan",
+]
 
 PathLike = str | os.PathLike
 _FORMAT = "sfp-onnx plan 1"
@@ -183,6 +190,15 @@ def make_plan(
     if output is not None:
         write_json(output, plan.to_json())
     return plan
+
+
+def allocation_criterion(criterion: str) -> str:
+    """The filter score a plan weighs for a run that trains with ``criterion``.
+
+    Taylor scores (dL/dmask) exist only once training runs, so a plan made before it weighs
+    L2 norms; the other criteria are filter scores and weigh as they are.
+    """
+    return "l2" if criterion == "taylor" else criterion
 
 
 def measure_plan_sensitivity(
