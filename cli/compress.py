@@ -150,6 +150,9 @@ _OUTPUTS = option_group(
               show_default=True,
               help="--target-speedup/--target-latency-ms: seconds each candidate is timed "
               "per round (as `plan --timing-seconds`).")  # fmt: skip
+@click.option("--strict", is_flag=True,
+              help="Speed targets: stop before training when the best plan's measured "
+              "speedup misses the target by more than 5%.")  # fmt: skip
 @DATA_OPTIONS
 @SENSITIVITY_OPTIONS
 @_TRAINING
@@ -237,7 +240,7 @@ def _configs(model: str, opts: dict):
 
 def _plan(model: str, opts: dict):
     """The plan a target asks for (timed, or weighed by --sensitivity), or None (--rate)."""
-    from sfp_onnx.cli.plan import measured_sensitivity
+    from sfp_onnx.cli.plan import measured_sensitivity, plan_verdict, refuse_a_miss
 
     from sfp_onnx.api import resolve_plan
     from sfp_onnx.speed_targets import default_cache_dir
@@ -255,7 +258,7 @@ def _plan(model: str, opts: dict):
         )
     provider = "cpu" if opts["provider"] == "auto" else opts["provider"]
     exactly_one = target and opts["rate"] is None and not opts["plan_path"]
-    return resolve_plan(
+    plan = resolve_plan(
         model, rate=opts["rate"], plan=opts["plan_path"], target_macs=opts["target_macs"],
         target_speedup=opts["target_speedup"], target_latency_ms=opts["target_latency_ms"],
         speed={"round_to": opts["round_to"], "max_rate": opts["max_rate"],
@@ -265,6 +268,11 @@ def _plan(model: str, opts: dict):
                "seconds": opts["timing_seconds"],
                "progress": console.print},
     )  # fmt: skip
+    if plan is not None:
+        refuse_a_miss(plan, opts["strict"])
+        for line in plan_verdict(plan):
+            console.print(line)
+    return plan
 
 
 _SFP_KEYS = (
@@ -288,16 +296,28 @@ def _summary(result) -> None:
             f"{lat['runs']} interleaved runs): {lat['before']:.2f} ms -> {lat['after']:.2f} ms "
             f"({lat['before'] / lat['after']:.2f}x)"
         )
-    measured = (result.settings.get("pruning", {}).get("plan") or {}).get("measured")
-    if measured and "latency_ms" in extra:
-        lat = extra["latency_ms"]
-        console.print(
-            f"speed target: {measured['speedup']:.2f}x when planned, "
-            f"{lat['before'] / lat['after']:.2f}x measured now on the file written"
-        )
+    plan = result.settings.get("pruning", {}).get("plan") or {}
+    if plan.get("measured") and "latency_ms" in extra:
+        _speed_target_lines(plan, extra["latency_ms"])
     settings = result.settings
     if settings.get("outputs", {}).get("report_dir"):
         console.print(f"report and plots in {settings['outputs']['report_dir']}", soft_wrap=True)
     if extra["training"]["workdir"]:
         # soft_wrap: a long path stays on one line, to be copied as it is
         console.print(f"checkpoints kept in {extra['training']['workdir']}", soft_wrap=True)
+
+
+def _speed_target_lines(plan: dict, latency: dict) -> None:
+    """The target beside the speed the search saw and the speed of the file written."""
+    now = latency["before"] / latency["after"]
+    if "speedup" in plan["target"]:
+        goal, asked = plan["target"]["speedup"], f"{plan['target']['speedup']:g}x"
+    else:  # a latency target, as a speedup over the original timed just now
+        goal = latency["before"] / plan["target"]["latency_ms"]
+        asked = f"{plan['target']['latency_ms']:g} ms"
+    console.print(
+        f"speed target {asked}: {plan['measured']['speedup']:.2f}x when planned, {now:.2f}x "
+        f"measured now on the file written (batch {latency['batch_size']})"
+    )
+    if abs(now / goal - 1) > 0.05:
+        console.print(f"the file written misses the target by {now / goal - 1:+.1%} (over 5%)")

@@ -10,7 +10,7 @@ from sfp_onnx.cli._render import console, human, status
 
 import sfp_onnx
 
-__all__ = ["measured_sensitivity", "plan"]
+__all__ = ["measured_sensitivity", "plan", "plan_verdict", "refuse_a_miss"]
 
 
 @click.command()
@@ -107,7 +107,7 @@ def plan(model: str, output: str | None, **opts) -> None:
         from sfp_onnx._io import write_json
 
         write_json(output, result.to_json())
-    _show(result, opts)
+    _show(result)
     if output:
         console.print(f"plan written to {output}; apply it with: sfp-onnx prune {model} --plan "
                       f"{output} -o OUT.onnx")  # fmt: skip
@@ -128,6 +128,8 @@ def measured_sensitivity(model: str, opts: dict):
         return None
     from sfp_onnx.cli._options import data_config
 
+    from sfp_onnx.planning import allocation_criterion
+
     config = sfp_onnx.SensitivityConfig(
         calibration_images=opts["calibration_images"], seed=opts["seed"]
     )
@@ -135,7 +137,7 @@ def measured_sensitivity(model: str, opts: dict):
         task = bar.add_task("measuring sensitivity (cuts)", total=None)
         result = sfp_onnx.measure_plan_sensitivity(
             model, data_config(opts), round_to=opts["round_to"], max_rate=opts["max_rate"],
-            criterion=opts["criterion"] if opts["criterion"] != "taylor" else "l2",
+            criterion=allocation_criterion(opts["criterion"]),
             config=config,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )  # fmt: skip
@@ -159,17 +161,11 @@ def _speed_plan(model: str, opts: dict):
         criterion=opts["criterion"], sensitivity=opts["measured"], cache_dir=cache,
         seconds=opts["timing_seconds"], progress=console.print,
     )  # fmt: skip
-    if opts["strict"] and not result.measured["within_5_percent"]:
-        from sfp_onnx.errors import UsageError
-
-        raise UsageError(
-            f"the best plan runs {result.measured['speedup']:.2f}x faster, more than 5% from "
-            "the target (--strict); raise --max-rate or change the target"
-        )
+    refuse_a_miss(result, opts["strict"])
     return result
 
 
-def _show(result, opts: dict) -> None:
+def _show(result) -> None:
     table = Table(title="channels kept per group")
     for column in ("id", "channels", "kept", "removed", "layers"):
         table.add_column(column, justify="left" if column == "layers" else "right")
@@ -185,18 +181,42 @@ def _show(result, opts: dict) -> None:
         f"MACs: {human(result.full_macs)} -> {human(result.predicted_macs)} predicted "
         f"({share:.1%} kept)"
     )
-    measured = result.measured
+    for line in plan_verdict(result):
+        console.print(line)
+
+
+def plan_verdict(result) -> list[str]:
+    """What a plan says about its target: the measured speedup, a miss, or out of reach."""
+    lines, measured = [], result.measured
     if measured:
         asked = ", ".join(f"{k} {v:g}" for k, v in result.target.items())
-        console.print(
+        lines.append(
             f"measured: {measured['speedup']:.2f}x faster ({measured['latency_ms']:.3g} ms vs "
             f"{measured['base_latency_ms']:.3g} ms at batch {measured['batch']}, "
             f"{measured['provider']}); target {asked}"
         )
         if not measured["within_5_percent"]:
-            console.print("the measured speedup misses the target by more than 5%")
+            lines.append("the measured speedup misses the target by more than 5%")
     if not result.reached:
-        console.print(
+        rounded = (result.round_to or 1) > 1
+        rounding = f", widths in multiples of {result.round_to}" if rounded else ""
+        lines.append(
             f"the target is out of reach: every group is at its floor (--max-rate "
-            f"{opts['max_rate']:g}); raise --max-rate or the target"
+            f"{result.max_rate:g}{rounding}), which keeps "
+            f"{result.predicted_macs / result.full_macs:.1%} of the MACs; raise --max-rate"
+            + (", lower --round-to" if rounded else "")
+            + " or ease the target"
+        )
+    return lines
+
+
+def refuse_a_miss(result, strict: bool) -> None:
+    """``--strict``: a speed plan more than 5% from its target is an error, raised before
+    anything is written or trained."""
+    if strict and result.measured and not result.measured["within_5_percent"]:
+        from sfp_onnx.errors import UsageError
+
+        raise UsageError(
+            f"the best plan runs {result.measured['speedup']:.2f}x faster, more than 5% from "
+            "the target (--strict); raise --max-rate or change the target"
         )

@@ -330,12 +330,27 @@ def test_compress_to_a_speed_target_reports_planned_and_measured_speed(
     ]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "timing the plan for" in result.output and "speed target:" in result.output
+    assert "timing the plan for" in result.output and "speed target 1.3x:" in result.output
     assert "widths weigh l2 scores" in result.output  # --no-sensitivity
     plan = json.loads(report.read_text())["settings"]["pruning"]["plan"]
     assert plan["target"] == {"speedup": 1.3} and plan["measured"]["batch"] == 8
     assert list((tmp_path / "cache" / "sfp-onnx").glob("speed-*.json"))
     assert measure_model(out).macs == round(plan["predicted_macs"])
+
+
+def test_strict_stops_compress_before_training_on_a_missed_speed_target(
+    resnet8, tmp_path, monkeypatch
+):
+    """50x is beyond every group's floor: with --strict, one error line once the plan is
+    timed, before any training, and nothing written."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "slim.onnx"
+    args = ["compress", str(resnet8), "--target-speedup", "50", "--timing-seconds", "2",
+            "--no-sensitivity", "--strict", "--data", "cifar10",
+            "--data-root", str(cifar10_root()), "--workdir", str(tmp_path / "w"),
+            "-o", str(out)]  # fmt: skip
+    assert "more than 5% from the target (--strict)" in _cli_error(args)
+    assert not out.exists() and not (tmp_path / "w").exists()
 
 
 def test_a_plan_needs_the_soft_mask_method(resnet8, tmp_path):
