@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import shlex
 import sys
@@ -29,6 +30,7 @@ __all__ = [
     "default_out",
     "md_table",
     "package_versions",
+    "rewrite_markdown",
     "write_results",
 ]
 
@@ -117,10 +119,23 @@ def write_results(
     json_path = folder / f"{run.name}.json"
     md_path = folder / f"{run.name}.md"
     write_json(json_path, {**info, "notes": notes, **data})
-    text = "\n".join([f"# {title}", "", *_provenance_lines(info), "", *_note_lines(notes), body])
-    with atomic_path(md_path, suffix=".md") as tmp:
-        Path(tmp).write_text(text.rstrip() + "\n", encoding="utf-8")
+    _write_markdown(md_path, info, notes, title, body)
     return md_path, json_path
+
+
+def rewrite_markdown(json_path: str | os.PathLike, *, title: str, body: str) -> Path:
+    """Write the ``.md`` beside a results JSON again (a new table layout, say), keeping the
+    provenance and notes of the run that measured it. Returns the path of the ``.md``."""
+    info = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    md_path = Path(json_path).with_suffix(".md")
+    _write_markdown(md_path, info, info.get("notes", []), title, body)
+    return md_path
+
+
+def _write_markdown(path: Path, info: Mapping, notes: Sequence[str], title: str, body: str) -> None:
+    text = "\n".join([f"# {title}", "", *_provenance_lines(info), "", *_note_lines(notes), body])
+    with atomic_path(path, suffix=".md") as tmp:
+        Path(tmp).write_text(text.rstrip() + "\n", encoding="utf-8")
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
