@@ -108,7 +108,8 @@ def plan_for_speed(
             _confirm(model, best, points, settings, seconds, sensitivity, say)
             cache.save(points)
             continue
-        fraction = _untried(points, _next_fraction(points, goal, 1.0 - max_rate), goal, max_rate)
+        floor = 1.0 - max_rate
+        fraction = _untried(points, _next_fraction(points, goal, floor), goal, floor)
         if fraction is None:
             break  # converged between two measurements, or nothing left to try on that side
         say(f"timing the plan for {fraction:.1%} of the MACs (goal {goal:.2f}x)")
@@ -166,9 +167,7 @@ def _next_fraction(points: list[SpeedPoint], goal: float, floor: float) -> float
     return min(1.0, max(fraction, floor * floor))
 
 
-def _untried(
-    points: list[SpeedPoint], fraction: float, goal: float, max_rate: float
-) -> float | None:
+def _untried(points: list[SpeedPoint], fraction: float, goal: float, floor: float) -> float | None:
     """``fraction``, or a step past every measurement if it was timed already; None if none.
 
     Where the speed is not monotone in the MACs (widths the kernels handle badly) the fit
@@ -183,7 +182,7 @@ def _untried(
         return fraction
     targets = [p.macs_target for p in points]
     if all(p.speedup < goal for p in points):
-        step = max(min(targets) * 0.8, (1.0 - max_rate) ** 2)
+        step = max(min(targets) * 0.8, floor * floor)
     elif all(p.speedup >= goal for p in points):
         step = min(max(targets) * 1.25, 1.0)
     else:

@@ -183,10 +183,10 @@ def test_the_speed_search_steps_past_a_point_it_has_timed():
         return SpeedPoint(fraction, fraction, speedup, 1.0 / speedup, 1.0)
 
     slow = [point(0.667, 1.25), point(0.465, 1.10)]  # the narrower file ran slower
-    assert _untried(slow, 0.3, 1.5, 0.7) == 0.3  # not timed yet: as proposed
-    assert _untried(slow, 0.465, 1.5, 0.7) == pytest.approx(0.465 * 0.8)
+    assert _untried(slow, 0.3, 1.5, 0.3) == 0.3  # not timed yet: as proposed
+    assert _untried(slow, 0.465, 1.5, 0.3) == pytest.approx(0.465 * 0.8)
     fast = [point(0.5, 2.5), point(0.4, 2.7)]
-    assert _untried(fast, 0.5, 1.5, 0.7) == pytest.approx(0.625)
-    assert _untried([point(0.667, 1.2), point(0.3, 1.8)], 0.3, 1.5, 0.7) is None
+    assert _untried(fast, 0.5, 1.5, 0.3) == pytest.approx(0.625)
+    assert _untried([point(0.667, 1.2), point(0.3, 1.8)], 0.3, 1.5, 0.3) is None
     at_floor = [point(0.11, 1.3), point(0.09, 1.4)]
-    assert _untried(at_floor, 0.11, 1.5, 0.7) is None  # 0.11 * 0.8 < 0.09: the floor, timed
+    assert _untried(at_floor, 0.11, 1.5, 0.3) is None  # 0.11 * 0.8 < 0.09: the floor, timed
