@@ -7,7 +7,8 @@ gets the same fine-tuning budget (epochs x training images) on the same data:
 - ``hard``: one-shot ``prune`` at the rate (L2), then the slim model fine-tuned;
 - ``hard+kd``: the same, distilling from the unpruned input;
 - ``paper``: the paper's SFP (``--method sfp-paper --schedule constant --no-distill``);
-- ``soft``: ``compress``'s default (masks in the forward pass, ramp, freeze, distillation);
+- ``soft``: ``compress``'s default (masks in the forward pass, ramp, freeze, distillation
+  of the logits and of the kept channels);
 - ``soft-nokd``: the default without distillation;
 - variants of the default for the design choices (``--arms`` lists them, see ARMS).
 
@@ -76,6 +77,13 @@ ARMS: dict[str, dict] = {
     "soft-noins": {"kind": "compress", "insert_norms": False},
     "soft-kd1": {"kind": "compress", "distill": {"weight": 1.0, "temperature": 1.0}},
     "soft-kd9": {"kind": "compress", "distill": {"weight": 0.9, "temperature": 4.0}},
+    # kept channels pulled toward the teacher's where layers read them (weight 1 ... 100;
+    # the default is 100, so soft-fm100 == soft and soft-nofm is the default before it)
+    "soft-nofm": {"kind": "compress", "distill": {"features": 0.0}},
+    **{
+        f"soft-fm{w}": {"kind": "compress", "distill": {"features": float(w)}}
+        for w in (1, 3, 10, 30, 100)
+    },
     "soft-taylor": {"kind": "compress", "sfp": {"criterion": "taylor"}},
     "soft-oneshot": {"kind": "compress", "sfp": {"schedule": "constant", "freeze": 0.99}},
     # the design arms

@@ -98,6 +98,10 @@ _DISTILL = option_group(
     click.option("--distill-temperature", type=click.FloatRange(min=0.0, min_open=True),
                  default=4.0, show_default=True,
                  help="Temperature T that softens both outputs."),
+    click.option("--distill-features", type=click.FloatRange(min=0.0),
+                 help="Also pull every kept channel toward MODEL's same channel where a layer "
+                 "reads it: the weight of the mean relative squared gap (default 100 with "
+                 "MODEL as the teacher, 0 with --teacher; soft-mask method only)."),
     click.option("--teacher", "teacher_model", type=click.Path(dir_okay=False),
                  help="Distil from this ONNX model instead (same input size and classes), e.g. "
                  "the unpruned original when MODEL was pruned already."),
@@ -221,6 +225,7 @@ def _configs(model: str, opts: dict):
     distill = DistillConfig(
         enabled=opts["distill"], weight=opts["distill_weight"],
         temperature=opts["distill_temperature"], teacher=opts["teacher_model"],
+        features=opts["distill_features"],
     )  # fmt: skip
 
     def with_progress(progress) -> dict:

@@ -39,6 +39,7 @@ from sfp_onnx.runtime.session import create_session
 from sfp_onnx.runtime.target import resolve_round_to
 from sfp_onnx.training import distributed
 from sfp_onnx.training.distributed import Ranks
+from sfp_onnx.training.feature_match import FeatureMatch
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import ImportedModel, import_model, write_back
 from sfp_onnx.training.norms import BatchNormRecalibration, InsertedNorms
@@ -212,7 +213,7 @@ def _fine_tune(
         job.imported.module, train_set, job.datasets.val, training,
         workdir=workdir, resume=resume,
         hooks=[pruner, *_recalibration(job.imported, train_set, training, sfp)],
-        objective=Distillation(teacher, distill) if teacher is not None else None,
+        objective=_objective(job, pruner, teacher, distill),
         on_progress=job.emit,
         settings=_resume_settings(job.model, sfp, data, distill),
     )  # fmt: skip
@@ -337,6 +338,18 @@ def _teacher(
     return import_model(load_model(source)).module
 
 
+def _objective(
+    job: _Job, pruner: SoftMaskPruner | PaperSfpPruner, teacher: torch.nn.Module | None,
+    distill: DistillConfig,
+) -> Distillation | None:  # fmt: skip
+    """Distillation from ``teacher``, matching the kept channels where the masks allow it."""
+    if teacher is None:
+        return None
+    if distill.feature_weight <= 0 or not isinstance(pruner, SoftMaskPruner):
+        return Distillation(teacher, distill)  # the paper's zeroing has no gates to match at
+    return Distillation(teacher, distill, FeatureMatch(job.imported.module, teacher, pruner.gates))
+
+
 def _pruner(
     job: _Job, sfp: SfpConfig, norms: InsertedNorms | None
 ) -> SoftMaskPruner | PaperSfpPruner:
@@ -395,6 +408,7 @@ def _provenance(sfp: SfpConfig, training: TrainConfig, distill: DistillConfig) -
         "distill": distill.enabled,
         "distill_weight": distill.weight,
         "distill_temperature": distill.temperature,
+        "distill_features": distill.feature_weight if distill.enabled else 0.0,
     }
 
 

@@ -162,6 +162,7 @@ def _cli_error(args: list[str]) -> str:
         (["--target-macs", "0.5"], "give exactly one of --rate, --plan, --target-macs"),
         (["--plan", "/nonexistent/plan.json"], "give exactly one of --rate, --plan, --target-macs"),
         (["--sensitivity"], "--sensitivity weighs the widths of a target"),
+        (["--teacher", "t.onnx", "--distill-features", "1"], "with --teacher give"),
     ],
 )
 def test_bad_compress_inputs_give_one_line(resnet8, tmp_path, extra, expected):

@@ -21,6 +21,7 @@ from sfp_onnx.graph.load import clone_model, load_model
 from sfp_onnx.graph.rewrite import rewrite_model
 from sfp_onnx.graph.zeros import removable_channels
 from sfp_onnx.runtime.verify import verify_models
+from sfp_onnx.training.feature_match import FeatureMatch
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import import_model, write_back
 from sfp_onnx.training.norms import InsertedNorms
@@ -274,6 +275,67 @@ def test_distillation_term_is_zero_for_the_teacher_itself() -> None:
     assert not objective.teacher.training
 
 
+def test_feature_match_scores_only_the_kept_channels(tmp_path: Path) -> None:
+    """Zero for the teacher itself; masked channels are left out, kept ones are compared."""
+    _, model, analysis, imp = _imported(tmp_path)
+    teacher = import_model(model).module.eval()
+    pruner = SoftMaskPruner(imp, model, analysis, replace(SOFT, schedule="constant"))
+    features = FeatureMatch(imp.module, teacher, pruner.gates)
+    images = torch.from_numpy(cifar_images(count=8, size=32))
+    student = imp.module.eval()
+
+    def gaps() -> dict:
+        student(images)
+        with torch.no_grad():
+            teacher(images)
+        return features.gaps()
+
+    unmasked = gaps()  # before the first selection every gate is open
+    assert len(unmasked) == len(features.keys)
+    assert max(g.item() for g in unmasked.values()) <= 1e-10
+    pruner.start(steps_per_epoch=4, epochs=1)  # a constant rate: half of every group masked
+    assert all(len(m) for m in pruner.masks.values())
+    student(images)
+    first = next(iter(features.student))  # reads the stem's output: nothing masked upstream
+    masked = gaps()
+    assert masked[first].item() <= 1e-10, "the channels gated off are not asked to match"
+    assert max(g.item() for g in masked.values()) > 1e-3, "downstream the masks are felt"
+    student(images)  # without gradients nothing is recorded: evaluation costs no memory
+    with torch.no_grad():
+        student(images)
+    assert features.student.keys() == set(features.keys)
+    features.gaps()
+    with torch.no_grad():
+        student(images)
+    assert not features.student
+    features.remove()
+    student(images)
+    assert not features.student
+
+
+def test_feature_match_adds_to_the_distillation_loss(tmp_path: Path) -> None:
+    _, model, analysis, imp = _imported(tmp_path)
+    teacher = import_model(model).module
+    pruner = SoftMaskPruner(imp, model, analysis, replace(SOFT, schedule="constant"))
+    pruner.start(steps_per_epoch=4, epochs=1)
+    images, targets = torch.from_numpy(cifar_images(count=8, size=32)), torch.arange(8)
+    plain = Distillation(teacher, DistillConfig())
+    matched = Distillation(
+        teacher, DistillConfig(features=2.0), FeatureMatch(imp.module, teacher, pruner.gates)
+    )
+    imp.module.eval()
+    base = plain(imp.module(images), images, targets)
+    total = matched(imp.module(images), images, targets)
+    student = imp.module(images)
+    with torch.no_grad():
+        teacher(images)
+    expected = base + 2.0 * matched.features.loss()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    total.backward()
+    assert all(p.grad is not None for p in imp.module.parameters() if p.requires_grad)
+    assert student.requires_grad
+
+
 def test_soft_mask_config_rejects_bad_values() -> None:
     from sfp_onnx.errors import UsageError
 
@@ -283,3 +345,7 @@ def test_soft_mask_config_rejects_bad_values() -> None:
     ):  # fmt: skip
         with pytest.raises(UsageError):
             SfpConfig(rate=0.3, **bad)
+    with pytest.raises(UsageError, match="--distill-features"):
+        DistillConfig(features=-1.0)
+    with pytest.raises(UsageError, match="with --teacher give --distill-features 0"):
+        DistillConfig(features=1.0, teacher="original.onnx")

@@ -215,6 +215,14 @@ class ChannelGates:
                 )
         return out
 
+    def factor_at(self, module: str, argument: int) -> torch.Tensor:
+        """The gate values applied to input ``argument`` of ``module``, one per position."""
+        return self._gates[(module, argument)].factor.detach()
+
+    def axis_at(self, module: str, argument: int) -> int:
+        """The axis those gate values apply along."""
+        return self._gates[(module, argument)].axis
+
     def remove(self) -> None:
         """Detach every hook: the module computes without gates again."""
         for handle in self._handles:

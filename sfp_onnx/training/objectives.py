@@ -11,6 +11,7 @@ The teacher costs one extra forward pass per step, under the loop's autocast.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,14 @@ from torch import nn
 
 from sfp_onnx.errors import UsageError
 
-__all__ = ["CrossEntropy", "DistillConfig", "Distillation", "distillation_term"]
+if TYPE_CHECKING:
+    from sfp_onnx.training.feature_match import FeatureMatch
+
+__all__ = ["FEATURE_WEIGHT", "CrossEntropy", "DistillConfig", "Distillation", "distillation_term"]
+
+# The feature match's default weight: best of 1, 3, 10, 30, 100 at the quick-start budget
+# (benchmarks/results/sfp_design.md, "Feature distillation").
+FEATURE_WEIGHT = 100.0
 
 
 @dataclass(frozen=True)
@@ -29,12 +37,29 @@ class DistillConfig:
     weight: float = 0.5  # share of the loss from the teacher: (1-w)·CE + w·T²·KL
     temperature: float = 4.0  # softens both distributions (T² keeps the gradient scale)
     teacher: str | None = None  # the teacher's ONNX file; None: the model being compressed
+    # weight of the kept channels' match to the teacher's (soft masks, the model itself as the
+    # teacher); None: FEATURE_WEIGHT without --teacher, 0 with it
+    features: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise UsageError(f"--distill-weight must be in [0, 1], got {self.weight}")
         if self.temperature <= 0:
             raise UsageError(f"--distill-temperature must be > 0, got {self.temperature}")
+        if self.features is not None and self.features < 0:
+            raise UsageError(f"--distill-features must be >= 0, got {self.features}")
+        if self.features and self.teacher is not None:
+            raise UsageError(
+                "--distill-features matches channels with the model being compressed; "
+                "with --teacher give --distill-features 0"
+            )
+
+    @property
+    def feature_weight(self) -> float:
+        """The weight of the feature match this run uses (``features`` resolved)."""
+        if self.features is not None:
+            return self.features
+        return FEATURE_WEIGHT if self.enabled and self.teacher is None else 0.0
 
 
 class CrossEntropy(nn.Module):
@@ -60,14 +85,21 @@ def distillation_term(
 
 
 class Distillation(nn.Module):
-    """``(1-w)·CE(student, labels) + w·T²·KL(teacher ‖ student)`` with a frozen teacher."""
+    """``(1-w)·CE(student, labels) + w·T²·KL(teacher ‖ student)`` with a frozen teacher.
 
-    def __init__(self, teacher: nn.Module, config: DistillConfig) -> None:
+    With ``features`` (a :class:`~sfp_onnx.training.feature_match.FeatureMatch` over this
+    teacher), ``config.feature_weight`` times its gap between the kept channels is added.
+    """
+
+    def __init__(
+        self, teacher: nn.Module, config: DistillConfig, features: FeatureMatch | None = None
+    ) -> None:
         super().__init__()
         self.teacher = teacher.eval()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.config = config
+        self.features = features
 
     def train(self, mode: bool = True) -> Distillation:
         """The teacher stays in eval mode (its BatchNorm statistics are the original's)."""
@@ -83,4 +115,7 @@ class Distillation(nn.Module):
         weight = self.config.weight
         hard = F.cross_entropy(logits, targets) if weight < 1.0 else logits.new_zeros(())
         soft = distillation_term(logits, teacher, self.config.temperature)
-        return (1.0 - weight) * hard + weight * soft
+        loss = (1.0 - weight) * hard + weight * soft
+        if self.features is not None and self.config.feature_weight > 0:
+            loss = loss + self.config.feature_weight * self.features.loss()
+        return loss

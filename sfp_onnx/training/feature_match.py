@@ -1,0 +1,98 @@
+"""Feature distillation for a soft-masked student: its kept channels answer as the teacher's.
+
+A soft-masked student is the teacher's own network with some channels gated off, so the two
+share every channel's index: channel ``c`` of a tensor in the student is meant to carry what
+channel ``c`` carried in the original. This module owns the loss that says so. At every gate
+site (a Conv, Gemm or MatMul input that reads a group's channels, :mod:`~sfp_onnx.training.gates`)
+it records the student's gated input and the teacher's input to the same module, and scores
+
+    mean over sites of  ‖s − g·t‖² / ‖g·t‖²
+
+where ``g`` is the site's gate (1 kept, 0 masked): the masked channels are left out, the kept
+ones are pulled toward the original's values. It is the layer-wise reconstruction objective of
+channel pruning (He et al. 2017, ThiNet) applied end to end during fine-tuning, and a denser
+signal than the logits alone when the budget is a few hundred steps. A one-shot pruned file
+has other channel indices than its teacher, so this applies to soft masking only.
+
+The records are taken only while gradients are on (training steps), and consumed by
+:meth:`FeatureMatch.loss` once per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sfp_onnx.errors import UsageError
+from sfp_onnx.training.gates import ChannelGates
+
+__all__ = ["FeatureMatch"]
+
+_EPS = 1e-12
+
+
+class FeatureMatch:
+    """Records gated student inputs and teacher inputs at every gate site; scores the gap."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, gates: ChannelGates) -> None:
+        self.gates = gates
+        self.keys = list(dict.fromkeys((site.module, site.argument) for site in gates.sites))
+        self.student: dict[tuple[str, int], torch.Tensor] = {}
+        self.teacher: dict[tuple[str, int], torch.Tensor] = {}
+        self._handles = []
+        for key in self.keys:
+            module = key[0]
+            try:
+                theirs = teacher.get_submodule(module)
+            except AttributeError:
+                raise UsageError(
+                    f"the teacher has no module {module!r}: feature distillation needs the "
+                    "model being compressed as the teacher"
+                ) from None
+            ours = student.get_submodule(module)  # its gate's pre-hook runs first
+            self._handles.append(ours.register_forward_pre_hook(self._recorder(self.student, key)))
+            self._handles.append(
+                theirs.register_forward_pre_hook(self._recorder(self.teacher, key, always=True))
+            )
+
+    @staticmethod
+    def _recorder(store: dict, key: tuple[str, int], always: bool = False):
+        argument = key[1]
+
+        def record(_module: nn.Module, args: tuple) -> None:
+            if always or torch.is_grad_enabled():
+                store[key] = args[argument]
+
+        return record
+
+    def gaps(self) -> dict[tuple[str, int], torch.Tensor]:
+        """Each site's relative gap, from the records since the last call (then forgotten)."""
+        gaps = {}
+        for key in self.keys:
+            ours, theirs = self.student.get(key), self.teacher.get(key)
+            if ours is None or theirs is None:
+                continue
+            factor = self.gates.factor_at(*key).to(theirs.device, theirs.dtype)
+            shape = [1] * theirs.dim()
+            shape[self.gates.axis_at(*key) % theirs.dim()] = -1
+            target = (theirs.detach() * factor.view(shape)).float()
+            gap = (ours.float() - target).pow(2).sum()
+            gaps[key] = gap / target.pow(2).sum().clamp_min(_EPS)
+        self.student.clear()
+        self.teacher.clear()
+        return gaps
+
+    def loss(self) -> torch.Tensor:
+        """The mean of :meth:`gaps` over the sites this step recorded."""
+        gaps = self.gaps()
+        if not gaps:
+            raise RuntimeError("feature distillation found no recorded site in this step")
+        return torch.stack(list(gaps.values())).mean()
+
+    def remove(self) -> None:
+        """Detach the recorders."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.student.clear()
+        self.teacher.clear()
