@@ -91,7 +91,8 @@ _PRUNING = option_group(
 _DISTILL = option_group(
     click.option("--distill/--no-distill", default=True, show_default=True,
                  help="Distil from MODEL itself (imported again, frozen): the loss mixes cross "
-                 "entropy with the KL divergence to its softened outputs. Costs one extra "
+                 "entropy with the KL divergence to its softened outputs, and pulls the kept "
+                 "channels toward MODEL's (--distill-features). Costs one extra "
                  "forward pass per step (about a third more time on a CPU)."),
     click.option("--distill-weight", type=click.FloatRange(0.0, 1.0), default=0.5,
                  show_default=True, help="Share of the loss from the teacher: (1-w)CE + wT²KL."),

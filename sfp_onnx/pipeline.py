@@ -33,7 +33,12 @@ from sfp_onnx.graph.analyze import analyze_model
 from sfp_onnx.graph.groups import Analysis
 from sfp_onnx.graph.load import load_model
 from sfp_onnx.report import Report
-from sfp_onnx.run_record import describe_data, describe_pruning, run_settings
+from sfp_onnx.run_record import (
+    describe_data,
+    describe_distillation,
+    describe_pruning,
+    run_settings,
+)
 from sfp_onnx.runtime.evaluate import Accuracy, ImageModelSignature, evaluate_onnx, read_signature
 from sfp_onnx.runtime.session import create_session
 from sfp_onnx.runtime.target import resolve_round_to
@@ -209,6 +214,7 @@ def _fine_tune(
     norms = _insert_norms(job, training)
     pruner = _pruner(job, sfp, norms)
     teacher = _teacher(job.model, distill, job.signature)
+    job.emit(ProgressEvent("note", message=describe_distillation(distill, sfp)))
     history = train(
         job.imported.module, train_set, job.datasets.val, training,
         workdir=workdir, resume=resume,

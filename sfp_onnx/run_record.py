@@ -21,7 +21,9 @@ from sfp_onnx.data.datasets import DataConfig, Datasets
 from sfp_onnx.graph.groups import Analysis, width_label
 from sfp_onnx.graph.soft_prune import prune_count
 
-__all__ = ["describe_data", "describe_pruning", "rate_plan", "run_settings"]
+__all__ = [
+    "describe_data", "describe_distillation", "describe_pruning", "rate_plan", "run_settings"
+]  # fmt: skip
 
 _PACKAGES = ("torch", "torchvision", "onnx", "onnx-ir", "onnxruntime-gpu", "onnxruntime", "numpy")
 
@@ -62,7 +64,11 @@ def run_settings(
         "pruning": asdict(sfp),
         "training": asdict(training),
         "data": data_settings,
-        "distillation": {**asdict(distill), "teacher": _absolute(distill.teacher or model)},
+        "distillation": {
+            **asdict(distill),
+            "teacher": _absolute(distill.teacher or model),
+            "features": distill.feature_weight,
+        },
         "outputs": output_settings,
         "device": device,
         "seed": training.seed,
@@ -121,6 +127,20 @@ def _describe_plan(sfp) -> str:
         f"removed, {plan.predicted_macs / plan.full_macs:.1%} of the MACs predicted to stay; "
         f"{_how(sfp)}"
     )
+
+
+def describe_distillation(distill, sfp) -> str:
+    """One line: the teacher and the loss it adds (or that there is none)."""
+    if not distill.enabled:
+        return "distillation: off (cross entropy only)"
+    teacher = distill.teacher or "the input model"
+    line = (
+        f"distillation: from {teacher} (frozen, one extra forward pass per step): "
+        f"{1 - distill.weight:g}·CE + {distill.weight:g}·T²·KL at T {distill.temperature:g}"
+    )
+    if distill.feature_weight > 0 and sfp.method != "sfp-paper":
+        line += f", + {distill.feature_weight:g} × the kept channels' gap to its activations"
+    return line
 
 
 def _how(sfp) -> str:

@@ -52,6 +52,8 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "top-1 accuracy" in result.output and "exact" in result.output
+    assert "distillation: from the input model" in result.output
+    assert "+ 100 × the kept channels' gap" in result.output
     assert f"checkpoints kept in {tmp_path / 'w'}" in result.output  # a named workdir stays
     assert (tmp_path / "w").is_dir()
     assert resnet8.read_bytes() == before
@@ -64,6 +66,7 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     assert data["macs"]["after"] == measure_model(out).macs
     assert data["verification"]["exact"] and data["verification"]["inputs"].startswith("real")
     assert len(data["training"]["epochs"]) == 2
+    assert data["settings"]["distillation"]["features"] == 100.0  # the default, resolved
     # exact against --save-masked on real images
     from tests.exports import cifar_images
 
