@@ -78,7 +78,7 @@ ARMS: dict[str, dict] = {
     "soft-kd1": {"kind": "compress", "distill": {"weight": 1.0, "temperature": 1.0}},
     "soft-kd9": {"kind": "compress", "distill": {"weight": 0.9, "temperature": 4.0}},
     # kept channels pulled toward the teacher's where layers read them (weight 1 ... 100;
-    # the default is 100, so soft-fm100 == soft and soft-nofm is the default before it)
+    # the default is 0, so soft-nofm == soft; the README's quick start uses 100)
     "soft-nofm": {"kind": "compress", "distill": {"features": 0.0}},
     **{
         f"soft-fm{w}": {"kind": "compress", "distill": {"features": float(w)}}

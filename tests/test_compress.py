@@ -46,7 +46,7 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
         "compress", str(resnet8), "--rate", "0.3", "--data", "cifar10",
         "--data-root", str(cifar10_root()), "--epochs", "2", "--train-limit", "400",
         "--eval-limit", "200", "--workers", "0", "--lr", "0.05", "-o", str(out),
-        "--round-to", "none",
+        "--round-to", "none", "--distill-features", "100",
         "--save-masked", str(masked), "--report", str(report), "--workdir", str(tmp_path / "w"),
     ]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
@@ -66,7 +66,7 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     assert data["macs"]["after"] == measure_model(out).macs
     assert data["verification"]["exact"] and data["verification"]["inputs"].startswith("real")
     assert len(data["training"]["epochs"]) == 2
-    assert data["settings"]["distillation"]["features"] == 100.0  # the default, resolved
+    assert data["settings"]["distillation"]["features"] == 100.0
     # exact against --save-masked on real images
     from tests.exports import cifar_images
 

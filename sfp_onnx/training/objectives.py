@@ -22,11 +22,7 @@ from sfp_onnx.errors import UsageError
 if TYPE_CHECKING:
     from sfp_onnx.training.feature_match import FeatureMatch
 
-__all__ = ["FEATURE_WEIGHT", "CrossEntropy", "DistillConfig", "Distillation", "distillation_term"]
-
-# The feature match's default weight: best of 1, 3, 10, 30, 100 at the quick-start budget
-# (benchmarks/results/sfp_design.md, "Feature distillation").
-FEATURE_WEIGHT = 100.0
+__all__ = ["CrossEntropy", "DistillConfig", "Distillation", "distillation_term"]
 
 
 @dataclass(frozen=True)
@@ -38,15 +34,15 @@ class DistillConfig:
     temperature: float = 4.0  # softens both distributions (T² keeps the gradient scale)
     teacher: str | None = None  # the teacher's ONNX file; None: the model being compressed
     # weight of the kept channels' match to the teacher's (soft masks, the model itself as the
-    # teacher); None: FEATURE_WEIGHT without --teacher, 0 with it
-    features: float | None = None
+    # teacher; 0: off). 100 is the best measured at the quick-start budget (sfp_design.md)
+    features: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise UsageError(f"--distill-weight must be in [0, 1], got {self.weight}")
         if self.temperature <= 0:
             raise UsageError(f"--distill-temperature must be > 0, got {self.temperature}")
-        if self.features is not None and self.features < 0:
+        if self.features < 0:
             raise UsageError(f"--distill-features must be >= 0, got {self.features}")
         if self.features and self.teacher is not None:
             raise UsageError(
@@ -56,10 +52,8 @@ class DistillConfig:
 
     @property
     def feature_weight(self) -> float:
-        """The weight of the feature match this run uses (``features`` resolved)."""
-        if self.features is not None:
-            return self.features
-        return FEATURE_WEIGHT if self.enabled and self.teacher is None else 0.0
+        """The weight of the feature match this run uses (0 without distillation)."""
+        return self.features if self.enabled else 0.0
 
 
 class CrossEntropy(nn.Module):
