@@ -414,7 +414,7 @@ def _provenance(sfp: SfpConfig, training: TrainConfig, distill: DistillConfig) -
         "distill": distill.enabled,
         "distill_weight": distill.weight,
         "distill_temperature": distill.temperature,
-        "distill_features": distill.feature_weight if distill.enabled else 0.0,
+        "distill_features": distill.feature_weight,
     }
 
 
