@@ -21,7 +21,7 @@ from sfp_onnx.graph.load import clone_model, load_model
 from sfp_onnx.graph.rewrite import rewrite_model
 from sfp_onnx.graph.zeros import removable_channels
 from sfp_onnx.runtime.verify import verify_models
-from sfp_onnx.training.feature_match import FeatureMatch
+from sfp_onnx.training.feature_match import FeatureMatch, bounded_gap
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import import_model, write_back
 from sfp_onnx.training.norms import InsertedNorms
@@ -334,6 +334,19 @@ def test_feature_match_adds_to_the_distillation_loss(tmp_path: Path) -> None:
     total.backward()
     assert all(p.grad is not None for p in imp.module.parameters() if p.requires_grad)
     assert student.requires_grad
+
+
+def test_feature_gap_is_itself_up_to_one_and_bounded_beyond() -> None:
+    """A reachable gap is scored as it is; an unreachable one pulls less the larger it is."""
+    gap = torch.tensor([0.0, 0.25, 1.0, 1.5, 10.0, 1e6], dtype=torch.float64, requires_grad=True)
+    scored = bounded_gap(gap)
+    scored.sum().backward()
+    assert torch.equal(scored[:3], gap[:3])
+    assert torch.equal(gap.grad[:3], torch.ones(3, dtype=torch.float64))
+    assert scored.detach().tolist()[3:] == pytest.approx([2 - 1 / 1.5, 1.9, 2 - 1e-6])
+    assert gap.grad.tolist()[3:] == pytest.approx([1 / 1.5**2, 1e-2, 1e-12])
+    left, right = (bounded_gap(torch.tensor(1.0 + d, dtype=torch.float64)) for d in (-1e-7, 1e-7))
+    assert (right - left).item() == pytest.approx(2e-7, rel=1e-6), "value and slope continuous"
 
 
 def test_soft_mask_config_rejects_bad_values() -> None:

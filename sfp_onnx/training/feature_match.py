@@ -6,10 +6,15 @@ channel ``c`` carried in the original. This module owns the loss that says so. A
 site (a Conv, Gemm or MatMul input that reads a group's channels, :mod:`~sfp_onnx.training.gates`)
 it records the student's gated input and the teacher's input to the same module, and scores
 
-    mean over sites of  ‖s − g·t‖² / ‖g·t‖²
+    mean over sites of  ρ(‖s − g·t‖² / ‖g·t‖²),   ρ(x) = x for x ≤ 1, 2 − 1/x beyond
 
 where ``g`` is the site's gate (1 kept, 0 masked): the masked channels are left out, the kept
-ones are pulled toward the original's values. It is the layer-wise reconstruction objective of
+ones are pulled toward the original's values. A student fine-tuned from a trained model stays
+inside a relative gap of 1, where ρ is the identity. Beyond it ρ flattens toward 2 (value and
+slope continuous at 1, slope 1/x²): a target no student can reach — an untrained network's
+eval-mode activations, whose running statistics are not its batches' — stops pulling instead
+of growing without bound, which at weight 100 made such a run diverge
+(``benchmarks/results/sfp_design.md``). It is the layer-wise reconstruction objective of
 channel pruning (He et al. 2017, ThiNet) applied end to end during fine-tuning, and a denser
 signal than the logits alone when the budget is a few hundred steps. A one-shot pruned file
 has other channel indices than its teacher, so this applies to soft masking only.
@@ -26,9 +31,14 @@ from torch import nn
 from sfp_onnx.errors import UsageError
 from sfp_onnx.training.gates import ChannelGates
 
-__all__ = ["FeatureMatch"]
+__all__ = ["FeatureMatch", "bounded_gap"]
 
 _EPS = 1e-12
+
+
+def bounded_gap(gap: torch.Tensor) -> torch.Tensor:
+    """ρ: the relative gap itself up to 1, ``2 - 1/gap`` beyond (bounded by 2)."""
+    return torch.where(gap <= 1.0, gap, 2.0 - 1.0 / gap.clamp_min(1.0))
 
 
 class FeatureMatch:
@@ -83,11 +93,11 @@ class FeatureMatch:
         return gaps
 
     def loss(self) -> torch.Tensor:
-        """The mean of :meth:`gaps` over the sites this step recorded."""
+        """The mean of ρ(:meth:`gaps`) over the sites this step recorded."""
         gaps = self.gaps()
         if not gaps:
             raise RuntimeError("feature distillation found no recorded site in this step")
-        return torch.stack(list(gaps.values())).mean()
+        return bounded_gap(torch.stack(list(gaps.values()))).mean()
 
     def remove(self) -> None:
         """Detach the recorders."""
