@@ -84,6 +84,9 @@ ARMS: dict[str, dict] = {
         f"soft-fm{w}": {"kind": "compress", "distill": {"features": float(w)}}
         for w in (1, 3, 10, 30, 100)
     },
+    # weight 100 falling linearly to 0 over the whole run / its first half
+    "soft-fm100-d100": {"kind": "compress", "distill": {"features": 100.0, "features_decay": 1.0}},
+    "soft-fm100-d50": {"kind": "compress", "distill": {"features": 100.0, "features_decay": 0.5}},
     "soft-taylor": {"kind": "compress", "sfp": {"criterion": "taylor"}},
     "soft-oneshot": {"kind": "compress", "sfp": {"schedule": "constant", "freeze": 0.99}},
     # the design arms

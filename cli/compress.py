@@ -105,6 +105,9 @@ _DISTILL = option_group(
                  "reads it: the weight of the mean relative squared gap (soft-mask method, "
                  "MODEL as the teacher; 0: off). 100 gained 2.2 points at the quick start's "
                  "budget; at a high --lr it can make training diverge."),
+    click.option("--distill-features-decay", type=float, default=None, metavar="F",
+                 help="The --distill-features weight falls linearly to 0 over the first F of "
+                 "the steps (0 < F <= 1). [default: constant]"),
     click.option("--teacher", "teacher_model", type=click.Path(dir_okay=False),
                  help="Distil from this ONNX model instead (same input size and classes), e.g. "
                  "the unpruned original when MODEL was pruned already."),
@@ -228,7 +231,7 @@ def _configs(model: str, opts: dict):
     distill = DistillConfig(
         enabled=opts["distill"], weight=opts["distill_weight"],
         temperature=opts["distill_temperature"], teacher=opts["teacher_model"],
-        features=opts["distill_features"],
+        features=opts["distill_features"], features_decay=opts["distill_features_decay"],
     )  # fmt: skip
 
     def with_progress(progress) -> dict:

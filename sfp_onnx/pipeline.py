@@ -215,11 +215,13 @@ def _fine_tune(
     pruner = _pruner(job, sfp, norms)
     teacher = _teacher(job.model, distill, job.signature)
     job.emit(ProgressEvent("note", message=describe_distillation(distill, sfp)))
+    objective = _objective(job, pruner, teacher, distill)
+    features = [objective.features] if objective and objective.features else []
     history = train(
         job.imported.module, train_set, job.datasets.val, training,
         workdir=workdir, resume=resume,
-        hooks=[pruner, *_recalibration(job.imported, train_set, training, sfp)],
-        objective=_objective(job, pruner, teacher, distill),
+        hooks=[pruner, *features, *_recalibration(job.imported, train_set, training, sfp)],
+        objective=objective,
         on_progress=job.emit,
         settings=_resume_settings(job.model, sfp, data, distill),
     )  # fmt: skip
@@ -353,7 +355,8 @@ def _objective(
         return None
     if distill.feature_weight <= 0 or not isinstance(pruner, SoftMaskPruner):
         return Distillation(teacher, distill)  # the paper's zeroing has no gates to match at
-    return Distillation(teacher, distill, FeatureMatch(job.imported.module, teacher, pruner.gates))
+    features = FeatureMatch(job.imported.module, teacher, pruner.gates, distill.features_decay)
+    return Distillation(teacher, distill, features)
 
 
 def _pruner(
@@ -415,6 +418,7 @@ def _provenance(sfp: SfpConfig, training: TrainConfig, distill: DistillConfig) -
         "distill_weight": distill.weight,
         "distill_temperature": distill.temperature,
         "distill_features": distill.feature_weight,
+        "distill_features_decay": distill.features_decay,
     }
 
 

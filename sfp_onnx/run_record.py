@@ -140,6 +140,8 @@ def describe_distillation(distill, sfp) -> str:
     )
     if distill.feature_weight > 0 and sfp.method != "sfp-paper":
         line += f", + {distill.feature_weight:g} × the kept channels' gap to its activations"
+        if distill.features_decay is not None:
+            line += f" (falling linearly to 0 over the first {distill.features_decay:.0%} of steps)"
     return line
 
 

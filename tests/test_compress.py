@@ -22,6 +22,7 @@ from sfp_onnx.errors import TrainingInterrupted
 from sfp_onnx.graph.measure import measure_model
 from sfp_onnx.pipeline import CompressOptions
 from sfp_onnx.runtime.session import create_session
+from sfp_onnx.training.objectives import DistillConfig
 from sfp_onnx.training.sfp import SfpConfig
 from sfp_onnx.training.train import TrainConfig
 from sfp_onnx.training.zoo import create_cifar_resnet, export_onnx
@@ -98,12 +99,18 @@ def test_default_workdir_goes_once_the_output_is_written(resnet8, tmp_path):
         assert out.exists() and not (tmp_path / "slim.onnx.work").exists()
 
 
-def test_resumed_run_equals_uninterrupted_run(resnet8, tmp_path):
+@pytest.mark.parametrize(
+    "distill",
+    [DistillConfig(), DistillConfig(features=100.0, features_decay=0.6)],
+    ids=["default", "decaying-feature-match"],
+)
+def test_resumed_run_equals_uninterrupted_run(resnet8, tmp_path, distill):
+    """Every piece's state comes back, the feature weight's place on its decay included."""
     sfp = SfpConfig(rate=0.3)
     training = TrainConfig(epochs=3, lr=0.05, workers=0, seed=1)
     full = tmp_path / "full.onnx"
     sfp_onnx.compress(
-        resnet8, full, sfp=sfp, data=_data(), training=training,
+        resnet8, full, sfp=sfp, data=_data(), training=training, distill=distill,
         options=CompressOptions(workdir=tmp_path / "w1", bench=False),
     )  # fmt: skip
 
@@ -114,14 +121,14 @@ def test_resumed_run_equals_uninterrupted_run(resnet8, tmp_path):
     stopped = tmp_path / "resumed.onnx"
     with pytest.raises(TrainingInterrupted, match="--resume"):
         sfp_onnx.compress(
-            resnet8, stopped, sfp=sfp, data=_data(), training=training,
+            resnet8, stopped, sfp=sfp, data=_data(), training=training, distill=distill,
             options=CompressOptions(
                 workdir=tmp_path / "w2", bench=False, progress=stop_in_epoch_two
             ),
         )  # fmt: skip
     assert not stopped.exists(), "an interrupted run writes no model"
     report = sfp_onnx.compress(
-        resnet8, stopped, sfp=sfp, data=_data(), training=training,
+        resnet8, stopped, sfp=sfp, data=_data(), training=training, distill=distill,
         options=CompressOptions(workdir=tmp_path / "w2", bench=False, resume=True),
     )  # fmt: skip
     assert report.extra["training"]["resumed_from"] == 1

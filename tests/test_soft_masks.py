@@ -360,5 +360,8 @@ def test_soft_mask_config_rejects_bad_values() -> None:
             SfpConfig(rate=0.3, **bad)
     with pytest.raises(UsageError, match="--distill-features"):
         DistillConfig(features=-1.0)
+    for decay in (0.0, 1.5):
+        with pytest.raises(UsageError, match="--distill-features-decay"):
+            DistillConfig(features=1.0, features_decay=decay)
     with pytest.raises(UsageError, match="with --teacher give --distill-features 0"):
         DistillConfig(features=1.0, teacher="original.onnx")

@@ -20,7 +20,10 @@ signal than the logits alone when the budget is a few hundred steps. A one-shot 
 has other channel indices than its teacher, so this applies to soft masking only.
 
 The records are taken only while gradients are on (training steps), and consumed by
-:meth:`FeatureMatch.loss` once per step.
+:meth:`FeatureMatch.loss` once per step. With a decay the term's weight falls linearly to 0
+over the first fraction of the steps (the kept channels are held to the original's while the
+masks are new, then the logits alone finish the job); as a training hook this class counts the
+steps, and a resumed run restores the count.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 from sfp_onnx.errors import UsageError
 from sfp_onnx.training.gates import ChannelGates
+from sfp_onnx.training.hooks import TrainingHook
 
 __all__ = ["FeatureMatch", "bounded_gap"]
 
@@ -41,11 +45,19 @@ def bounded_gap(gap: torch.Tensor) -> torch.Tensor:
     return torch.where(gap <= 1.0, gap, 2.0 - 1.0 / gap.clamp_min(1.0))
 
 
-class FeatureMatch:
+class FeatureMatch(TrainingHook):
     """Records gated student inputs and teacher inputs at every gate site; scores the gap."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, gates: ChannelGates) -> None:
+    name = "feature_match"
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, gates: ChannelGates,
+        decay: float | None = None,
+    ) -> None:  # fmt: skip
         self.gates = gates
+        self.decay = decay  # the fraction of the steps the weight takes to fall to 0
+        self.total_steps = 0
+        self.done = 0  # optimizer steps taken
         self.keys = list(dict.fromkeys((site.module, site.argument) for site in gates.sites))
         self.student: dict[tuple[str, int], torch.Tensor] = {}
         self.teacher: dict[tuple[str, int], torch.Tensor] = {}
@@ -64,6 +76,24 @@ class FeatureMatch:
             self._handles.append(
                 theirs.register_forward_pre_hook(self._recorder(self.teacher, key, always=True))
             )
+
+    def start(self, steps_per_epoch: int, epochs: int) -> None:
+        self.total_steps = steps_per_epoch * epochs
+
+    def after_step(self, step: int) -> None:
+        self.done = step
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = int(state["done"])
+
+    def schedule_factor(self) -> float:
+        """The share of the weight the next step uses: 1, or falling linearly to 0."""
+        if self.decay is None or not self.total_steps:
+            return 1.0
+        return max(0.0, 1.0 - self.done / (self.decay * self.total_steps))
 
     @staticmethod
     def _recorder(store: dict, key: tuple[str, int], always: bool = False):

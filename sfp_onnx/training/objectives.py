@@ -36,6 +36,8 @@ class DistillConfig:
     # weight of the kept channels' match to the teacher's (soft masks, the model itself as the
     # teacher; 0: off). 100 is the best measured at the quick-start budget (sfp_design.md)
     features: float = 0.0
+    # the fraction of the steps over which that weight falls linearly to 0 (None: constant)
+    features_decay: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
@@ -44,6 +46,10 @@ class DistillConfig:
             raise UsageError(f"--distill-temperature must be > 0, got {self.temperature}")
         if self.features < 0:
             raise UsageError(f"--distill-features must be >= 0, got {self.features}")
+        if self.features_decay is not None and not 0.0 < self.features_decay <= 1.0:
+            raise UsageError(
+                f"--distill-features-decay must be in (0, 1], got {self.features_decay}"
+            )
         if self.features and self.teacher is not None:
             raise UsageError(
                 "--distill-features matches channels with the model being compressed; "
@@ -82,7 +88,8 @@ class Distillation(nn.Module):
     """``(1-w)·CE(student, labels) + w·T²·KL(teacher ‖ student)`` with a frozen teacher.
 
     With ``features`` (a :class:`~sfp_onnx.training.feature_match.FeatureMatch` over this
-    teacher), ``config.feature_weight`` times its gap between the kept channels is added.
+    teacher), ``config.feature_weight`` times its gap between the kept channels (times the
+    schedule's factor at this step, with ``config.features_decay``) is added.
     """
 
     def __init__(
@@ -111,5 +118,9 @@ class Distillation(nn.Module):
         soft = distillation_term(logits, teacher, self.config.temperature)
         loss = (1.0 - weight) * hard + weight * soft
         if self.features is not None and self.config.feature_weight > 0:
-            loss = loss + self.config.feature_weight * self.features.loss()
+            weight = self.config.feature_weight * self.features.schedule_factor()
+            if weight > 0:  # a decayed-away term records nothing worth a backward pass
+                loss = loss + weight * self.features.loss()
+            else:
+                self.features.gaps()  # forget this step's records
         return loss
