@@ -106,9 +106,10 @@ _DISTILL = option_group(
                  "MODEL as the teacher; 0: off). 100 gained 2.2 points at the quick start's "
                  "budget (3 epochs x 10k images) and lost 0.5 at 4 epochs x 50k: for short "
                  "runs."),
-    click.option("--distill-features-decay", type=float, default=None, metavar="F",
+    click.option("--distill-features-decay", default=None, metavar="F",
+                 type=click.FloatRange(0.0, 1.0, min_open=True),
                  help="The --distill-features weight falls linearly to 0 over the first F of "
-                 "the steps (0 < F <= 1). [default: constant]"),
+                 "the steps. [default: constant]"),
     click.option("--teacher", "teacher_model", type=click.Path(dir_okay=False),
                  help="Distil from this ONNX model instead (same input size and classes), e.g. "
                  "the unpruned original when MODEL was pruned already."),
