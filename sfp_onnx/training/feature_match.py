@@ -118,9 +118,13 @@ class FeatureMatch(TrainingHook):
             target = (theirs.detach() * factor.view(shape)).float()
             gap = (ours.float() - target).pow(2).sum()
             gaps[key] = gap / target.pow(2).sum().clamp_min(_EPS)
+        self.forget()
+        return gaps
+
+    def forget(self) -> None:
+        """Drop the records of this step."""
         self.student.clear()
         self.teacher.clear()
-        return gaps
 
     def loss(self) -> torch.Tensor:
         """The mean of ρ(:meth:`gaps`) over the sites this step recorded."""
@@ -134,5 +138,4 @@ class FeatureMatch(TrainingHook):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.student.clear()
-        self.teacher.clear()
+        self.forget()

@@ -119,9 +119,9 @@ class Distillation(nn.Module):
         soft = distillation_term(logits, teacher, self.config.temperature)
         loss = (1.0 - weight) * hard + weight * soft
         if self.features is not None and self.config.feature_weight > 0:
-            weight = self.config.feature_weight * self.features.schedule_factor()
-            if weight > 0:  # a decayed-away term records nothing worth a backward pass
-                loss = loss + weight * self.features.loss()
-            else:
-                self.features.gaps()  # forget this step's records
+            feature_weight = self.config.feature_weight * self.features.schedule_factor()
+            if feature_weight > 0:
+                loss = loss + feature_weight * self.features.loss()
+            else:  # decayed away: drop this step's records instead of scoring them
+                self.features.forget()
         return loss
