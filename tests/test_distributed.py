@@ -56,10 +56,12 @@ def _torchrun(processes: int, args: list[str], script: bool = False, **popen) ->
 
 def test_two_gloo_processes_agree_at_every_reselection_and_rank0_alone_writes(resnet8, tmp_path):
     """Taylor scores are measured per rank, so only the broadcast keeps the masks identical;
-    every re-selection is followed by the cross-rank digest check of weights and masks."""
+    every re-selection is followed by the cross-rank digest check of weights and masks. The
+    feature match rides along: its recorders sit inside the module DDP wraps."""
     args = _compress(
         resnet8, tmp_path, "--epochs", "2", "--train-limit", "640", "--criterion", "taylor",
-        "--reselect-every", "2", "--freeze", "0.5",
+        "--reselect-every", "2", "--freeze", "0.5", "--distill-features", "100",
+        "--distill-features-decay", "0.8",
     )  # fmt: skip
     process = _torchrun(2, args)
     output, _ = process.communicate(timeout=600)
@@ -72,6 +74,7 @@ def test_two_gloo_processes_agree_at_every_reselection_and_rank0_alone_writes(re
     report = json.loads((tmp_path / "out.json").read_text())
     training = report["training"]
     assert (training["processes"], training["backend"]) == (2, "gloo")
+    assert report["settings"]["distillation"]["features"] == 100.0
     extras = [epoch["extra"] for epoch in training["epochs"]]
     selections = sum(extra["selections"] for extra in extras)
     assert selections >= 3
