@@ -57,7 +57,7 @@ class FeatureMatch(TrainingHook):
         self.gates = gates
         self.decay = decay  # the fraction of the steps the weight takes to fall to 0
         self.total_steps = 0
-        self.done = 0  # optimizer steps taken
+        self.step = 0  # optimizer steps taken (named as in SoftMaskPruner)
         self.keys = list(dict.fromkeys((site.module, site.argument) for site in gates.sites))
         self.student: dict[tuple[str, int], torch.Tensor] = {}
         self.teacher: dict[tuple[str, int], torch.Tensor] = {}
@@ -81,19 +81,19 @@ class FeatureMatch(TrainingHook):
         self.total_steps = steps_per_epoch * epochs
 
     def after_step(self, step: int) -> None:
-        self.done = step
+        self.step = step
 
     def state_dict(self) -> dict:
-        return {"done": self.done}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.done = int(state["done"])
+        self.step = int(state["step"])
 
     def schedule_factor(self) -> float:
         """The share of the weight the next step uses: 1, or falling linearly to 0."""
         if self.decay is None or not self.total_steps:
             return 1.0
-        return max(0.0, 1.0 - self.done / (self.decay * self.total_steps))
+        return max(0.0, 1.0 - self.step / (self.decay * self.total_steps))
 
     @staticmethod
     def _recorder(store: dict, key: tuple[str, int], always: bool = False):
