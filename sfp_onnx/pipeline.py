@@ -225,6 +225,8 @@ def _fine_tune(
         on_progress=job.emit,
         settings=_resume_settings(job.model, sfp, data, distill),
     )  # fmt: skip
+    for hook in features:
+        hook.remove()  # the student's recorders: nothing reads them after the last step
     if not distributed.current().is_main:
         return history
     job.imported.module.to("cpu").eval()
