@@ -89,6 +89,8 @@ ARMS: dict[str, dict] = {
     "soft-fm100-d50": {"kind": "compress", "distill": {"features": 100.0, "features_decay": 0.5}},
     "soft-taylor": {"kind": "compress", "sfp": {"criterion": "taylor"}},
     "soft-oneshot": {"kind": "compress", "sfp": {"schedule": "constant", "freeze": 0.99}},
+    # a longer soft phase than the default's first 10% of the steps: the first 30%
+    "soft-f70": {"kind": "compress", "sfp": {"freeze": 0.7}},
     # the design arms
     "design": _design(),
     "design-nokd": {**_design(), "distill": NO_KD},
@@ -109,7 +111,7 @@ ARMS: dict[str, dict] = {
 BUDGETS = {  # name: (epochs, training images, lr)
     "quickstart": (3, 10000, 0.02),  # the README's quick start
     "quickstart-5k": (3, 5000, 0.02),  # its earlier form, the budget of sfp_design_run1-5
-    "b": (4, None, 0.01),
+    "b": (4, None, 0.03),  # compress's default lr (0.01 before; sfp_design.md)
     "short": (2, 10000, 0.01),
 }
 DEFAULT_ARMS = ["unpruned", "hard", "hard+kd", "paper", "soft-nokd", "soft"]
