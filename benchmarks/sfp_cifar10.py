@@ -91,6 +91,8 @@ ARMS: dict[str, dict] = {
     "soft-oneshot": {"kind": "compress", "sfp": {"schedule": "constant", "freeze": 0.99}},
     # a longer soft phase than the default's first 10% of the steps: the first 30%
     "soft-f70": {"kind": "compress", "sfp": {"freeze": 0.7}},
+    # the target rate from the first step (no ramp), re-chosen as the default does
+    "soft-const": {"kind": "compress", "sfp": {"schedule": "constant"}},
     # the design arms
     "design": _design(),
     "design-nokd": {**_design(), "distill": NO_KD},
