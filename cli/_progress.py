@@ -32,6 +32,8 @@ def epoch_line(event, epochs: int) -> str:
         frozen = ", masks frozen" if extra.get("frozen") else ""
         revived = f", {extra['revived']} brought back" if extra.get("revived") else ""
         parts.append(f"kept {extra['kept_channels']}/{extra['channels']} channels{revived}{frozen}")
+    if "feature_gap" in extra:  # the loss above includes it, times --distill-features
+        parts.append(f"kept-channel gap {extra['feature_gap']:.4f}")
     parts.append(f"lr {event.lr:.4g}")
     return f"epoch {event.epoch}/{epochs}: " + ", ".join(parts)
 

@@ -55,6 +55,7 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     assert "top-1 accuracy" in result.output and "exact" in result.output
     assert "distillation: from the input model" in result.output
     assert "+ 100 × the kept channels' gap" in result.output
+    assert result.output.count("kept-channel gap ") == 2  # on each epoch's line
     assert f"checkpoints kept in {tmp_path / 'w'}" in result.output  # a named workdir stays
     assert (tmp_path / "w").is_dir()
     assert resnet8.read_bytes() == before

@@ -331,6 +331,10 @@ def test_feature_match_adds_to_the_distillation_loss(tmp_path: Path) -> None:
         teacher(images)
     expected = base + 2.0 * matched.features.loss()
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the epoch's record: the mean of the two (equal) scored gaps, before the weight
+    gap = matched.features.epoch_end(1)["feature_gap"]
+    assert gap == pytest.approx((total - base).item() / 2.0, rel=1e-5) and gap > 0
+    assert matched.features.epoch_end(2) == {}, "nothing scored since: nothing reported"
     total.backward()
     assert all(p.grad is not None for p in imp.module.parameters() if p.requires_grad)
     assert student.requires_grad

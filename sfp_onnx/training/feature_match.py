@@ -23,7 +23,9 @@ The records are taken only while gradients are on (training steps), and consumed
 :meth:`FeatureMatch.loss` once per step. With a decay the term's weight falls linearly to 0
 over the first fraction of the steps (the kept channels are held to the original's while the
 masks are new, then the logits alone finish the job); as a training hook this class counts the
-steps, and a resumed run restores the count.
+steps, and a resumed run restores the count. Each epoch's record gets the mean scored gap
+(``feature_gap``, before the weight), so an epoch line can say how much of the training loss
+is this term.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class FeatureMatch(TrainingHook):
         self.keys = list(dict.fromkeys((site.module, site.argument) for site in gates.sites))
         self.student: dict[tuple[str, int], torch.Tensor] = {}
         self.teacher: dict[tuple[str, int], torch.Tensor] = {}
+        self._epoch_gaps: list[torch.Tensor] = []  # this epoch's scored losses (detached)
         self._handles = []
         for key in self.keys:
             module = key[0]
@@ -83,7 +86,15 @@ class FeatureMatch(TrainingHook):
     def after_step(self, step: int) -> None:
         self.step = step
 
-    def state_dict(self) -> dict:
+    def epoch_end(self, epoch: int) -> dict:
+        """The epoch's mean scored gap (none if the term was off all epoch); then forgets it."""
+        if not self._epoch_gaps:
+            return {}
+        mean = torch.stack(self._epoch_gaps).mean().item()  # one sync per epoch, not per step
+        self._epoch_gaps.clear()
+        return {"feature_gap": mean}
+
+    def state_dict(self) -> dict:  # checkpoints follow epoch_end: the epoch's gaps are gone
         return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
@@ -131,7 +142,9 @@ class FeatureMatch(TrainingHook):
         gaps = self.gaps()
         if not gaps:
             raise RuntimeError("feature distillation found no recorded site in this step")
-        return bounded_gap(torch.stack(list(gaps.values()))).mean()
+        loss = bounded_gap(torch.stack(list(gaps.values()))).mean()
+        self._epoch_gaps.append(loss.detach())
+        return loss
 
     def remove(self) -> None:
         """Detach the recorders."""
