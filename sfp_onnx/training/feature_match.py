@@ -24,8 +24,8 @@ The records are taken only while gradients are on (training steps), and consumed
 over the first fraction of the steps (the kept channels are held to the original's while the
 masks are new, then the logits alone finish the job); as a training hook this class counts the
 steps, and a resumed run restores the count. Each epoch's record gets the mean scored gap
-(``feature_gap``, before the weight), so an epoch line can say how much of the training loss
-is this term.
+(``feature_gap``, before the weight; under DDP, over this process's share of the batches), so
+an epoch line can say how much of the training loss is this term.
 """
 
 from __future__ import annotations
