@@ -140,6 +140,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-limit", type=int, default=None, help="test images (all: 10,000)")
     parser.add_argument("--monitor-limit", type=int, default=1000, help="per-epoch eval images")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="training seed (shuffling, augmentation): reruns at other seeds show the noise",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--name", default="sfp_cifar10")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency columns")
@@ -178,6 +182,7 @@ def _compress(source: Path, output: Path, sfp: SfpConfig, spec: dict, args, work
         training=TrainConfig(
             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,
             workers=args.workers, insert_norms=spec.get("insert_norms", True),
+            seed=args.seed,
         ),
         distill=distill,
         options=CompressOptions(workdir=work / f"{output.stem}.work", bench=False),
