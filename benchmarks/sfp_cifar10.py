@@ -248,13 +248,16 @@ def measure(arms: list[dict], args) -> None:
     ).test  # fmt: skip
     latency = {}
     if not args.no_bench:
-        files = list(dict.fromkeys(arm["file"] for arm in arms if arm["file"]))
+        files = list(dict.fromkeys(arm["file"] for arm in arms if _on_disk(arm)))
         config = BenchConfig(batch_sizes=(1, 32), warmup=5, runs=30 if args.quick else 100)
         for result in benchmark(files, config).results:
             latency.setdefault(result.model, {})[result.batch_size] = result.latency_ms["p50"]
     for arm in arms:
         if not arm["file"]:  # diverged: no model was written
             arm.update(macs=None, params=None, top1=None, samples=None, latency_ms={})
+            continue
+        if arm.get("carried"):  # measured by its own run; the file is no longer here to time
+            arm["latency_ms"] = {}
             continue
         stats = measure_model(arm["file"])
         accuracy = evaluate_onnx(arm["file"], test, num_classes=10)
@@ -275,7 +278,7 @@ def render(arms: list[dict], args) -> str:
         lat = arm["latency_ms"]
         speed = f"{base['latency_ms'][32] / lat[32]:.2f}x" if lat else "-"
         rows.append([
-            arm["arm"], f"{arm['rate']:.1f}", _round_to(arm),
+            arm["arm"] + (" *" if arm.get("carried") else ""), f"{arm['rate']:.1f}", _round_to(arm),
             f"{arm['top1']:.2%}", f"{(arm['top1'] - base['top1']) * 100:+.2f}",
             f"{arm['macs'] / 1e6:.2f}M", f"{1 - arm['macs'] / base['macs']:.1%}",
             f"{arm['params'] / 1e3:.1f}k", f"{lat[1]:.3f}" if lat else "-",
@@ -338,9 +341,15 @@ def plot(arms: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _on_disk(arm: dict) -> bool:
+    return bool(arm["file"]) and not arm.get("carried")
+
+
 def merged_arms(paths: list[str], model: str) -> list[dict]:
     """The arms of earlier runs (their files where --keep put them), the original once (as
-    ``model``: the runs may have read it from another checkout)."""
+    ``model``: the runs may have read it from another checkout). An arm whose file is gone
+    (another machine's run) is carried: its accuracy, MACs and params as its run measured
+    them on the file it wrote, with no latency."""
     arms: list[dict] = [{"arm": "original", "rate": 0.0, "round_to": None, "file": model}]
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -351,7 +360,8 @@ def merged_arms(paths: list[str], model: str) -> list[dict]:
             file = Path(arm["file"]) if arm["file"] else None
             if file is not None and not file.is_absolute():
                 file = keep / file
-            arms.append({**arm, "file": str(file) if file else None})
+            carried = file is not None and not file.exists()
+            arms.append({**arm, "file": str(file) if file else None, "carried": carried})
     return arms
 
 
@@ -381,6 +391,12 @@ def main() -> None:
         "for a short budget, on JPEG-degraded CIFAR-10 (see the data's README).",
         "round-to auto resolves per machine (16 with AVX-512, else 8); see settings in the JSON.",
     ]
+    if any(arm.get("carried") for arm in arms):
+        notes.append(
+            "Rows marked * are carried from their own run's JSON (its model is not on this "
+            "machine): top-1, MACs and params as that run measured them on the file it wrote; "
+            "no latency."
+        )
     out.mkdir(parents=True, exist_ok=True)
     plot(arms, out / f"{args.name}.png")
     body += f"\n![top-1 against MACs cut]({args.name}.png)\n"
