@@ -61,6 +61,27 @@ def test_grouped_counts(channels, rate, round_to, parts, pruned):
     assert prune_count(channels, rate, round_to, parts) == pruned
 
 
+def test_ramp_counts_move_one_channel_at_a_time_to_the_rounded_width():
+    """On the way to the target the count follows the unrounded one, scaled to end exactly at
+    the rounded width; rounding each step instead jumps (16 channels: 0, then 8 at once)."""
+    import numpy as np
+
+    from sfp_onnx.graph.soft_prune import prune_count, ramp_count
+
+    for channels, target in ((16, 0.3), (32, 0.3), (64, 0.45), (16, 0.5)):
+        for rate in np.linspace(0.0, target, 40):
+            assert ramp_count(channels, rate, target) == prune_count(channels, rate)
+    for channels, target, round_to in ((32, 0.3, 8), (16, 0.4, 8), (64, 0.3, 16), (32, 0.3, 16)):
+        counts = [ramp_count(channels, r, target, round_to) for r in np.linspace(0, target, 200)]
+        assert counts[-1] == prune_count(channels, target, round_to)
+        assert counts == sorted(counts) and counts[0] == 0
+        assert max(np.diff(counts)) <= 2, "no step removes more than two channels at once"
+        stepped = [prune_count(channels, r, round_to) for r in np.linspace(0, target, 200)]
+        assert max(np.diff(stepped)) >= round_to, "the rounded ramp it replaces jumps"
+    grouped = [ramp_count(32, r, 0.5, 8, parts=4) for r in np.linspace(0, 0.5, 50)]
+    assert all(c % 4 == 0 for c in grouped) and grouped[-1] == prune_count(32, 0.5, 8, 4)
+
+
 def test_grouped_selection_takes_the_lowest_of_each_part():
     import numpy as np
 

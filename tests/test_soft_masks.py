@@ -234,6 +234,23 @@ def test_rate_ramps_to_the_target_at_the_end_of_the_selection_phase(tmp_path: Pa
     assert pruner.rate == 0.5 and kept[3:] == [kept[3]] * 5
 
 
+def test_a_rounded_target_is_reached_one_channel_at_a_time(tmp_path: Path) -> None:
+    """With --round-to 8 the 16-wide groups narrow through the widths between 16 and 8 during
+    the selection phase, and end at exactly the rounded width."""
+    _, model, analysis, imp = _imported(tmp_path)
+    config = replace(SOFT, reselect_every=1, freeze=0.5, round_to=8)
+    pruner = SoftMaskPruner(imp, model, analysis, config)
+    wide = [g for g in pruner.groups if g.channels == 16]
+    assert wide
+    pruner.start(steps_per_epoch=16, epochs=1)
+    seen: set[int] = set()
+    for step in range(1, 17):
+        pruner.after_step(step)
+        seen |= {len(pruner.masks.get(g.id, ())) for g in wide}
+    assert seen & set(range(1, 8)), f"only the rounded widths were used: {sorted(seen)}"
+    assert all(len(pruner.masks[g.id]) == 8 for g in wide)
+
+
 def test_inserted_norms_keep_the_function_and_fold_back_exactly(data, tmp_path: Path) -> None:
     """A BN-folded export: norms inserted, calibrated (identity), trained, folded back."""
     _, model, _, imp = _imported(tmp_path, "fold17")

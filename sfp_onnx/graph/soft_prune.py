@@ -24,6 +24,7 @@ __all__ = [
     "filter_rows",
     "norm_factor",
     "prune_count",
+    "ramp_count",
     "score_group",
     "scoring_tensors",
     "select_channels",
@@ -129,6 +130,26 @@ def prune_count(channels: int, rate: float, round_to: int | None = None, parts: 
         kept = step * max(1, int(np.floor((channels - pruned) / step + 0.5)))
         pruned = channels - min(kept, channels)
     return min(pruned, channels - parts)
+
+
+def ramp_count(
+    channels: int, rate: float, target: float, round_to: int | None = None, parts: int = 1
+) -> int:
+    """How many of ``channels`` to zero at ``rate`` on a ramp that ends at ``target``.
+
+    The unrounded count (one channel at a time), scaled so that at ``target`` it is exactly
+    ``prune_count(channels, target, round_to, parts)``. Rounding every step of the ramp
+    instead turns it into jumps: with K = 8 a 16-wide group stays whole until the rate
+    passes 0.31 and then loses half its channels at once, a late one-shot cut (measured in
+    benchmarks/results/sfp_design.md). Without rounding this is ``prune_count``.
+    """
+    final = prune_count(channels, target, round_to, parts)
+    unrounded_final = prune_count(channels, target, None, parts)
+    if unrounded_final == 0:
+        return 0
+    unrounded = prune_count(channels, min(rate, target), None, parts)
+    scaled = unrounded * final / unrounded_final
+    return parts * int(np.floor(scaled / parts + 0.5))
 
 
 def select_channels(score: np.ndarray, count: int, parts: int = 1) -> np.ndarray:

@@ -37,7 +37,7 @@ import onnx_ir as ir
 import torch
 
 from sfp_onnx.graph.groups import Analysis, ChannelGroup
-from sfp_onnx.graph.soft_prune import prune_count, select_channels
+from sfp_onnx.graph.soft_prune import ramp_count, select_channels
 from sfp_onnx.training import distributed
 from sfp_onnx.training.channels import (
     ArrayView,
@@ -205,21 +205,23 @@ class SoftMaskPruner(TrainingHook):
         chosen = {}
         for group in self.groups:
             score = (self.importance[group.id] / self.importance_steps).cpu().numpy()
-            count = prune_count(group.channels, self.rate, config.round_to, group.parts)
-            if counts is not None:
-                count = counts.get(group.id, 0)
-            chosen[group.id] = select_channels(score, count, group.parts)
+            chosen[group.id] = select_channels(score, counts.get(group.id, 0), group.parts)
         self.importance, self.importance_steps = {}, 0
         return chosen
 
-    def _counts(self) -> dict[int, int] | None:
-        """A plan's channels to mask per group at the current rate (None: no plan).
+    def _counts(self) -> dict[int, int]:
+        """The channels to mask per group at the current rate.
 
-        Each group ramps as the rate does, to exactly the plan's width at the end; between,
-        its width is rounded up to the plan's step for the group.
+        Each group ramps as the rate does, to exactly its final width: the rate's rounded
+        count (:func:`ramp_count`: one channel at a time on the way), or a plan's width
+        (between, rounded up to the plan's step for the group).
         """
+        config = self.config
         if self.planned is None:
-            return None
+            return {
+                g.id: ramp_count(g.channels, self.rate, config.rate, config.round_to, g.parts)
+                for g in self.groups
+            }
         share = self.rate / self.config.rate if self.config.rate > 0 else 0.0
         counts = {}
         for group in self.groups:
