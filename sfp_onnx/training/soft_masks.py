@@ -5,14 +5,15 @@ carries a mask that the forward pass applies through :mod:`sfp_onnx.training.gat
 network trains as the structure it will have. Over the run:
 
 1. pruning phase (the first ``1 - freeze`` of the optimizer steps; 10% by default): every
-   ``reselect_every`` steps (8 selections by default) and at epoch ends, the masks are
-   re-chosen from the current scores, at a rate that ramps to the target (``schedule``:
-   ASFP's asymptotic ramp, or the target from the start). The scores are the dense weights'
-   norms (``l2``, ``l1``, ``fpgm``: what one-shot ``prune`` uses, a following norm folded in)
-   or the Taylor importance measured at the gates since the last selection (``taylor``: the
-   mean square of ``dL/dgate`` per step — for a kept channel what removing it would cost, for
-   a masked one what bringing it back would gain). A channel masked at one selection is back
-   at the next if its score has overtaken another's: the "soft" of SFP. Masked channels are
+   ``reselect_every`` steps (8 selections by default) and at epoch ends, the masks are re-chosen
+   from the current scores, at a rate that ramps to the target (``schedule``: ASFP's asymptotic
+   ramp, or the target from the start), each group one channel at a time to its rounded final
+   width (:func:`~sfp_onnx.graph.soft_prune.ramp_count`). The scores are the dense weights'
+   norms (``l2``, ``l1``, ``fpgm``: what one-shot ``prune`` uses, a following norm folded in) or
+   the Taylor importance measured at the gates since the last selection (``taylor``: the mean
+   square of ``dL/dgate`` per step — for a kept channel what removing it would cost, for a
+   masked one what bringing it back would gain). A channel masked at one selection is back at
+   the next if its score has overtaken another's: the "soft" of SFP. Masked channels are
    multiplied by 0, or by a factor decaying linearly to 0 over the phase (``masked_scale
    ="decay"``, as SRFP); ``straight_through`` passes them the full gradient (DPF-like).
 2. freeze phase (the rest): the masks are those of the final selection, at exactly the
