@@ -7,6 +7,7 @@ import click
 
 __all__ = [
     "DATA_OPTIONS",
+    "NUMBER_OR_AUTO",
     "ROUND_TO",
     "SENSITIVITY_OPTIONS",
     "RoundTo",
@@ -37,6 +38,29 @@ class RoundTo(click.ParamType):
 
 
 ROUND_TO = RoundTo()
+
+
+class NumberOrAuto(click.ParamType):
+    """A number >= 0, or ``auto`` (None: the library chooses, and the report says how)."""
+
+    name = "W|auto"
+
+    def convert(self, value, param, ctx) -> float | None:
+        if value is None or isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            number = -1.0
+        if number >= 0:
+            return number
+        self.fail(f"{value!r} is not a number >= 0 or 'auto'", param, ctx)
+
+
+NUMBER_OR_AUTO = NumberOrAuto()
 
 
 def round_to_option(help: str):

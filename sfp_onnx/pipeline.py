@@ -48,10 +48,17 @@ from sfp_onnx.training.feature_match import FeatureMatch
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import ImportedModel, import_model, write_back
 from sfp_onnx.training.norms import BatchNormRecalibration, InsertedNorms
-from sfp_onnx.training.objectives import Distillation, DistillConfig
+from sfp_onnx.training.objectives import Distillation, DistillConfig, resolve_features
 from sfp_onnx.training.sfp import PaperSfpPruner, SfpConfig, recalibration_batches
 from sfp_onnx.training.soft_masks import SoftMaskPruner
-from sfp_onnx.training.train import ProgressEvent, TrainConfig, TrainResult, resolve_device, train
+from sfp_onnx.training.train import (
+    ProgressEvent,
+    TrainConfig,
+    TrainResult,
+    resolve_device,
+    steps_per_epoch,
+    train,
+)
 
 __all__ = ["CompressOptions", "compress"]
 
@@ -97,6 +104,7 @@ class _Job:
     before: Accuracy | None  # None on the ranks after the first of a distributed run
     emit: Emit
     timing: dict = field(default_factory=dict)
+    feature_rule: str = "given"  # how the feature-distillation weight was chosen
 
 
 def compress(
@@ -152,6 +160,7 @@ def _compress(
     workdir = Path(options.workdir or f"{output}.work")
     emit = (options.progress or _ignore) if ranks.is_main else _ignore  # rank 0 reports
     job = _prepare(model, sfp, data, training, emit)
+    distill, job.feature_rule = _resolve_features(job, sfp, training, distill)
     history = _fine_tune(job, sfp, data, training, distill, workdir, options.resume)
     if not ranks.is_main:
         return None
@@ -160,7 +169,7 @@ def _compress(
         result = _measure(job, result, output, options)
     settings = run_settings(
         model=model, output=output, sfp=sfp, data=data, training=training, distill=distill,
-        options=options, workdir=workdir, device=history.device,
+        options=options, workdir=workdir, device=history.device, feature_rule=job.feature_rule,
     )  # fmt: skip
     job.timing["total"] = time.perf_counter() - started
     extra = _extra(job, result, history, workdir, options)
@@ -214,7 +223,7 @@ def _fine_tune(
     norms = _insert_norms(job, training)
     pruner = _pruner(job, sfp, norms)
     teacher = _teacher(job.model, distill, job.signature)
-    job.emit(ProgressEvent("note", message=describe_distillation(distill, sfp)))
+    job.emit(ProgressEvent("note", message=describe_distillation(distill, sfp, job.feature_rule)))
     objective = _objective(job, pruner, teacher, distill)
     features = [objective.features] if objective and objective.features else []
     history = train(
@@ -346,6 +355,19 @@ def _teacher(
             "give a teacher with the same input size and classes"
         )
     return import_model(load_model(source)).module
+
+
+def _resolve_features(
+    job: _Job, sfp: SfpConfig, training: TrainConfig, distill: DistillConfig
+) -> tuple[DistillConfig, str]:
+    """The feature-distillation weight of this run (``auto``: by its optimizer steps)."""
+    steps = steps_per_epoch(len(job.datasets.train), training.batch_size) * training.epochs
+    unmatched = None
+    if sfp.method == "sfp-paper":
+        unmatched = "the paper's method has no masks to match through"
+    elif sfp.rate == 0 and sfp.plan is None:
+        unmatched = "nothing is pruned"
+    return resolve_features(distill, steps, unmatched=unmatched)
 
 
 def _objective(

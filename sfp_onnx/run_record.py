@@ -43,8 +43,9 @@ def _versions() -> dict[str, str]:
 
 
 def run_settings(
-    *, model, output, sfp, data: DataConfig, training, distill, options, workdir, device: str
-) -> dict:
+    *, model, output, sfp, data: DataConfig, training, distill, options, workdir, device: str,
+    feature_rule: str = "given",
+) -> dict:  # fmt: skip
     """Every setting of a ``compress`` run, resolved, with paths made absolute."""
     data_settings = asdict(data)
     data_settings["root"] = _absolute(data.root)
@@ -68,6 +69,7 @@ def run_settings(
             **asdict(distill),
             "teacher": _absolute(distill.teacher or model),
             "features": distill.feature_weight,
+            "features_rule": feature_rule,
         },
         "outputs": output_settings,
         "device": device,
@@ -129,8 +131,9 @@ def _describe_plan(sfp) -> str:
     )
 
 
-def describe_distillation(distill, sfp) -> str:
-    """One line: the teacher and the loss it adds (or that there is none)."""
+def describe_distillation(distill, sfp, feature_rule: str = "given") -> str:
+    """One line: the teacher and the loss it adds (or that there is none), and how the
+    feature weight was chosen when ``auto`` chose it."""
     if not distill.enabled:
         return "distillation: off (cross entropy only)"
     teacher = distill.teacher or "the input model"
@@ -142,6 +145,8 @@ def describe_distillation(distill, sfp) -> str:
         line += f", + {distill.feature_weight:g} × the kept channels' gap to its activations"
         if distill.features_decay is not None:
             line += f" (falling linearly to 0 over the first {distill.features_decay:.0%} of steps)"
+    if feature_rule.startswith("auto"):
+        line += f"; feature weight {feature_rule}"
     return line
 
 

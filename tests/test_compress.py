@@ -47,14 +47,16 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
         "compress", str(resnet8), "--rate", "0.3", "--data", "cifar10",
         "--data-root", str(cifar10_root()), "--epochs", "2", "--train-limit", "400",
         "--eval-limit", "200", "--workers", "0", "--lr", "0.05", "-o", str(out),
-        "--round-to", "none", "--distill-features", "100",
+        "--round-to", "none",
         "--save-masked", str(masked), "--report", str(report), "--workdir", str(tmp_path / "w"),
     ]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "top-1 accuracy" in result.output and "exact" in result.output
     assert "distillation: from the input model" in result.output
+    # the feature weight's default follows the run's length: 2 epochs x 3 steps is short
     assert "+ 100 × the kept channels' gap" in result.output
+    assert "feature weight auto: 100 for a 6-step run" in result.output
     assert result.output.count("kept-channel gap ") == 2  # on each epoch's line
     assert f"checkpoints kept in {tmp_path / 'w'}" in result.output  # a named workdir stays
     assert (tmp_path / "w").is_dir()
@@ -69,6 +71,7 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     assert data["verification"]["exact"] and data["verification"]["inputs"].startswith("real")
     assert len(data["training"]["epochs"]) == 2
     assert data["settings"]["distillation"]["features"] == 100.0
+    assert data["settings"]["distillation"]["features_rule"].startswith("auto: 100")
     # exact against --save-masked on real images
     from tests.exports import cifar_images
 
@@ -102,8 +105,12 @@ def test_default_workdir_goes_once_the_output_is_written(resnet8, tmp_path):
 
 @pytest.mark.parametrize(
     "distill",
-    [DistillConfig(), DistillConfig(features=100.0, features_decay=0.6)],
-    ids=["default", "decaying-feature-match"],
+    [
+        DistillConfig(),
+        DistillConfig(features=0.0),
+        DistillConfig(features=100.0, features_decay=0.6),
+    ],
+    ids=["default-auto-feature-match", "no-feature-match", "decaying-feature-match"],
 )
 def test_resumed_run_equals_uninterrupted_run(resnet8, tmp_path, distill):
     """Every piece's state comes back, the feature weight's place on its decay included."""

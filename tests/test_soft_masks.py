@@ -25,7 +25,13 @@ from sfp_onnx.training.feature_match import FeatureMatch, bounded_gap
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import import_model, write_back
 from sfp_onnx.training.norms import InsertedNorms
-from sfp_onnx.training.objectives import Distillation, DistillConfig, distillation_term
+from sfp_onnx.training.objectives import (
+    Distillation,
+    DistillConfig,
+    auto_feature_weight,
+    distillation_term,
+    resolve_features,
+)
 from sfp_onnx.training.sfp import SfpConfig
 from sfp_onnx.training.soft_masks import SoftMaskPruner, selection_steps
 from sfp_onnx.training.train import TrainConfig, train
@@ -290,6 +296,29 @@ def test_distillation_term_is_zero_for_the_teacher_itself() -> None:
     assert not any(p.requires_grad for p in objective.teacher.parameters())
     objective.train()
     assert not objective.teacher.training
+
+
+def test_auto_feature_weight_follows_the_run_length() -> None:
+    """Whole for a few hundred steps, linear to 0 between 400 and 800, off beyond."""
+    assert [auto_feature_weight(n) for n in (1, 237, 400, 600, 800, 1560)] == [
+        100.0, 100.0, 100.0, 50.0, 0.0, 0.0,
+    ]  # fmt: skip
+    resolved, rule = resolve_features(DistillConfig(), 237)
+    assert resolved.features == 100.0 and rule.startswith("auto: 100 for a 237-step run")
+    resolved, rule = resolve_features(DistillConfig(), 1560)
+    assert resolved.feature_weight == 0.0 and "1560-step run" in rule
+    given = DistillConfig(features=3.0)
+    assert resolve_features(given, 1560) == (given, "given")
+    off = [
+        resolve_features(DistillConfig(enabled=False), 10),
+        resolve_features(DistillConfig(teacher="other.onnx"), 10),
+        resolve_features(DistillConfig(), 10, unmatched="nothing is pruned"),
+    ]
+    assert [config.features for config, _ in off] == [0.0, 0.0, 0.0]
+    assert [rule.split("(")[1] for _, rule in off] == [
+        "no distillation)", "another model teaches: its channels are not the student's)",
+        "nothing is pruned)",
+    ]  # fmt: skip
 
 
 def test_feature_match_scores_only_the_kept_channels(tmp_path: Path) -> None:

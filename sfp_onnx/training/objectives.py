@@ -10,7 +10,7 @@ The teacher costs one extra forward pass per step, under the loop's autocast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +22,21 @@ from sfp_onnx.errors import UsageError
 if TYPE_CHECKING:
     from sfp_onnx.training.feature_match import FeatureMatch
 
-__all__ = ["CrossEntropy", "DistillConfig", "Distillation", "distillation_term"]
+__all__ = [
+    "CrossEntropy",
+    "DistillConfig",
+    "Distillation",
+    "auto_feature_weight",
+    "distillation_term",
+    "resolve_features",
+]
+
+# ``features=None`` (auto) sets the feature weight by the run's optimizer steps. Measured
+# (benchmarks/results/sfp_design.md, "Feature distillation"): weight 100 gained 1.2-2.2 points
+# at 157-237 steps on three networks, tied at 782 steps and lost 0.4-0.5 at 1,560.
+AUTO_FEATURE_WEIGHT = 100.0
+AUTO_FULL_UNTIL = 400  # steps up to which the weight is whole
+AUTO_OFF_FROM = 800  # steps from which it is 0 (linear between)
 
 
 @dataclass(frozen=True)
@@ -34,9 +48,9 @@ class DistillConfig:
     temperature: float = 4.0  # softens both distributions (T² keeps the gradient scale)
     teacher: str | None = None  # the teacher's ONNX file; None: the model being compressed
     # weight of the kept channels' match to the teacher's (soft masks, the model itself as the
-    # teacher; 0: off). 100 is the best measured at the quick-start budget, a loss at 4 epochs
-    # on all of CIFAR-10 (sfp_design.md)
-    features: float = 0.0
+    # teacher; 0: off). None: by the run's length (resolve_features), 100 for a few hundred
+    # steps, where it gains, and 0 from 800, where it costs (sfp_design.md)
+    features: float | None = None
     # the fraction of the steps over which that weight falls linearly to 0 (None: constant)
     features_decay: float | None = None
 
@@ -45,7 +59,7 @@ class DistillConfig:
             raise UsageError(f"--distill-weight must be in [0, 1], got {self.weight}")
         if self.temperature <= 0:
             raise UsageError(f"--distill-temperature must be > 0, got {self.temperature}")
-        if self.features < 0:
+        if self.features is not None and self.features < 0:
             raise UsageError(f"--distill-features must be >= 0, got {self.features}")
         if self.features_decay is not None and not 0.0 < self.features_decay <= 1.0:
             raise UsageError(
@@ -59,8 +73,43 @@ class DistillConfig:
 
     @property
     def feature_weight(self) -> float:
-        """The weight of the feature match this run uses (0 without distillation)."""
-        return self.features if self.enabled else 0.0
+        """The weight of the feature match (0 without distillation, or before ``None`` is
+        resolved by :func:`resolve_features`)."""
+        return (self.features or 0.0) if self.enabled else 0.0
+
+
+def auto_feature_weight(steps: int) -> float:
+    """The feature weight ``auto`` gives a run of ``steps`` optimizer steps."""
+    if steps <= AUTO_FULL_UNTIL:
+        return AUTO_FEATURE_WEIGHT
+    if steps >= AUTO_OFF_FROM:
+        return 0.0
+    share = (AUTO_OFF_FROM - steps) / (AUTO_OFF_FROM - AUTO_FULL_UNTIL)
+    return round(AUTO_FEATURE_WEIGHT * share, 1)
+
+
+def resolve_features(
+    config: DistillConfig, steps: int, *, unmatched: str | None = None
+) -> tuple[DistillConfig, str]:
+    """``config`` with its feature weight a number, and how that number was chosen.
+
+    Args:
+        config: the distillation asked for; ``features=None`` is resolved, a number is kept.
+        steps: the run's optimizer steps.
+        unmatched: why the student's channels cannot be matched to the teacher's (e.g. the
+            paper's method, which has no masks), if they cannot; the weight is then 0.
+    """
+    if config.features is not None:
+        return config, "given"
+    if not config.enabled:
+        unmatched = "no distillation"
+    elif config.teacher is not None:
+        unmatched = "another model teaches: its channels are not the student's"
+    if unmatched:
+        return replace(config, features=0.0), f"auto: off ({unmatched})"
+    weight = auto_feature_weight(steps)
+    rule = f"{AUTO_FEATURE_WEIGHT:g} up to {AUTO_FULL_UNTIL} steps, 0 from {AUTO_OFF_FROM}"
+    return replace(config, features=weight), f"auto: {weight:g} for a {steps}-step run ({rule})"
 
 
 class CrossEntropy(nn.Module):
