@@ -8,7 +8,7 @@ gets the same fine-tuning budget (epochs x training images) on the same data:
 - ``hard+kd``: the same, distilling from the unpruned input;
 - ``paper``: the paper's SFP (``--method sfp-paper --schedule constant --no-distill``);
 - ``soft``: ``compress``'s default (masks in the forward pass, ramp, freeze, distillation
-  of the logits and of the kept channels);
+  of the logits, and of the kept channels by the run's length: ``--distill-features auto``);
 - ``soft-nokd``: the default without distillation;
 - variants of the default for the design choices (``--arms`` lists them, see ARMS).
 
@@ -78,7 +78,8 @@ ARMS: dict[str, dict] = {
     "soft-kd1": {"kind": "compress", "distill": {"weight": 1.0, "temperature": 1.0}},
     "soft-kd9": {"kind": "compress", "distill": {"weight": 0.9, "temperature": 4.0}},
     # kept channels pulled toward the teacher's where layers read them (weight 1 ... 100;
-    # the default is 0, so soft-nofm == soft; the README's quick start uses 100)
+    # the default, auto, is 100 up to 400 steps and 0 from 800: soft-nofm is the default
+    # before auto, and equals soft at budget b)
     "soft-nofm": {"kind": "compress", "distill": {"features": 0.0}},
     **{
         f"soft-fm{w}": {"kind": "compress", "distill": {"features": float(w)}}
@@ -154,7 +155,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--merge", nargs="+", metavar="JSON",
         help="no training: one table, plot and latency run over the arms of earlier runs' "
-        "JSON files (their models kept with --keep, in the folder beside each JSON's 'keep')",
+        "JSON files (their models kept with --keep, in the folder beside each JSON's 'keep'); "
+        "FILE.json:ARM,ARM=NAME takes only those arms of that file (the second renamed: an "
+        "arm whose defaults have changed since)",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 epoch on 500 images")
     parser.add_argument("--out", default=None, help="results folder (default: results/)")
@@ -345,18 +348,29 @@ def _on_disk(arm: dict) -> bool:
     return bool(arm["file"]) and not arm.get("carried")
 
 
+def _renaming(name: str) -> tuple[str, str]:
+    """``ARM`` -> (ARM, ARM); ``ARM=NAME`` -> (ARM, NAME)."""
+    arm, _, new = name.partition("=")
+    return arm, new or arm
+
+
 def merged_arms(paths: list[str], model: str) -> list[dict]:
     """The arms of earlier runs (their files where --keep put them), the original once (as
     ``model``: the runs may have read it from another checkout). An arm whose file is gone
     (another machine's run) is carried: its accuracy, MACs and params as its run measured
     them on the file it wrote, with no latency."""
     arms: list[dict] = [{"arm": "original", "rate": 0.0, "round_to": None, "file": model}]
-    for path in paths:
+    for entry in paths:
+        path, _, names = entry.partition(".json:")
+        path = path if path.endswith(".json") else f"{path}.json"
+        wanted = dict(_renaming(n) for n in names.split(",")) if names else None
         data = json.loads(Path(path).read_text())
         keep = Path(data["settings"]["keep"])
         for arm in data["arms"]:
-            if arm["arm"] == "original":
+            if arm["arm"] == "original" or (wanted is not None and arm["arm"] not in wanted):
                 continue
+            if wanted is not None:
+                arm = {**arm, "arm": wanted[arm["arm"]]}
             file = Path(arm["file"]) if arm["file"] else None
             if file is not None and not file.is_absolute():
                 file = keep / file
