@@ -105,9 +105,9 @@ _DISTILL = option_group(
                  metavar="W|auto",
                  help="Also pull every kept channel toward MODEL's same channel where a layer "
                  "reads it: the weight of the mean relative squared gap (soft-mask method, "
-                 "MODEL as the teacher; 0: off). auto: 100 for runs of up to 400 optimizer "
-                 "steps, falling linearly to 0 at 800 (measured: +1.2 to +2.2 points at "
-                 "157-237 steps on three networks, a tie at 782, -0.5 at 1,560)."),
+                 "MODEL as the teacher; 0: off). auto: 100 for runs of up to 300 optimizer "
+                 "steps, falling linearly to 0 at 600 (measured: +1.2 to +2.2 points at "
+                 "157-237 steps on three networks, neutral at 468 and 782, -0.5 at 1,560)."),
     click.option("--distill-features-decay", default=None, metavar="F",
                  type=click.FloatRange(0.0, 1.0, min_open=True),
                  help="The --distill-features weight falls linearly to 0 over the first F of "

@@ -299,8 +299,8 @@ def test_distillation_term_is_zero_for_the_teacher_itself() -> None:
 
 
 def test_auto_feature_weight_follows_the_run_length() -> None:
-    """Whole for a few hundred steps, linear to 0 between 400 and 800, off beyond."""
-    assert [auto_feature_weight(n) for n in (1, 237, 400, 600, 800, 1560)] == [
+    """Whole for a few hundred steps, linear to 0 between 300 and 600, off beyond."""
+    assert [auto_feature_weight(n) for n in (1, 237, 300, 450, 600, 1560)] == [
         100.0, 100.0, 100.0, 50.0, 0.0, 0.0,
     ]  # fmt: skip
     resolved, rule = resolve_features(DistillConfig(), 237)

@@ -33,10 +33,11 @@ __all__ = [
 
 # ``features=None`` (auto) sets the feature weight by the run's optimizer steps. Measured
 # (benchmarks/results/sfp_design.md, "Feature distillation"): weight 100 gained 1.2-2.2 points
-# at 157-237 steps on three networks, tied at 782 steps and lost 0.4-0.5 at 1,560.
+# at 157-237 steps on three networks, was neutral at 468 (+0.05) and 782 (-0.09) and lost
+# 0.4-0.5 at 1,560.
 AUTO_FEATURE_WEIGHT = 100.0
-AUTO_FULL_UNTIL = 400  # steps up to which the weight is whole
-AUTO_OFF_FROM = 800  # steps from which it is 0 (linear between)
+AUTO_FULL_UNTIL = 300  # steps up to which the weight is whole
+AUTO_OFF_FROM = 600  # steps from which it is 0 (linear between)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class DistillConfig:
     teacher: str | None = None  # the teacher's ONNX file; None: the model being compressed
     # weight of the kept channels' match to the teacher's (soft masks, the model itself as the
     # teacher; 0: off). None: by the run's length (resolve_features), 100 for a few hundred
-    # steps, where it gains, and 0 from 800, where it costs (sfp_design.md)
+    # steps, where it gains, and 0 from 600, where it gains nothing or costs (sfp_design.md)
     features: float | None = None
     # the fraction of the steps over which that weight falls linearly to 0 (None: constant)
     features_decay: float | None = None
