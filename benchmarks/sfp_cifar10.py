@@ -310,24 +310,42 @@ def _round_to(arm: dict) -> str:
 
 
 def plot(arms: list[dict], path: Path) -> None:
-    """Top-1 against MACs cut: one line per arm and rounding."""
+    """Top-1 against MACs cut, one line per arm and rounding: every arm, and the top 6 points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = arms[0]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[tuple, list] = {}
     for arm in arms[1:]:
         if arm["arm"] != "unpruned" and arm["top1"] is not None:
             lines.setdefault((arm["arm"], arm["round_to"]), []).append(arm)
+    fig, (whole, top) = plt.subplots(1, 2, figsize=(13, 5))
+    for ax in (whole, top):
+        _draw_lines(ax, arms, lines)
+    best = max(100 * a["top1"] for a in arms if a["top1"] is not None)
+    top.set_ylim(best - 6, best + 0.5)
+    top.set_title("the same, top 6 points")
+    whole.set_title(f"{Path(arms[0]['file']).stem} on CIFAR-10, equal fine-tuning budget per arm")
+    top.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _draw_lines(ax, arms: list[dict], lines: dict[tuple, list]) -> None:
+    """One color per arm, the line style per rounding; the original and unpruned as rules."""
+    import matplotlib.pyplot as plt
+
+    base = arms[0]
+    names = sorted({name for name, _ in lines})
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
     for (name, round_to), points in sorted(lines.items(), key=lambda kv: str(kv[0])):
         points.sort(key=lambda a: a["macs"], reverse=True)
         cut = [100 * (1 - a["macs"] / base["macs"]) for a in points]
-        label = f"{name} (round-to {round_to or 'none'})"
-        style = "-" if round_to else "--"
-        ax.plot(cut, [100 * a["top1"] for a in points], marker="o", linestyle=style, label=label)
+        ax.plot(cut, [100 * a["top1"] for a in points], marker="o", color=colors[name],
+                linestyle="-" if round_to else "--",
+                label=f"{name} (round-to {round_to or 'none'})")  # fmt: skip
     for arm in arms:
         if arm["arm"] in ("original", "unpruned"):
             ax.axhline(100 * arm["top1"], color="grey", linewidth=0.8,
@@ -336,12 +354,7 @@ def plot(arms: list[dict], path: Path) -> None:
                     transform=ax.get_yaxis_transform(), va="bottom")  # fmt: skip
     ax.set_xlabel("MACs cut (%) of the written file")
     ax.set_ylabel("top-1 (%) on the CIFAR-10 test set")
-    ax.set_title(f"{Path(base['file']).stem} on CIFAR-10, equal fine-tuning budget per arm")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _on_disk(arm: dict) -> bool:
