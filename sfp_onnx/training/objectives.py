@@ -32,8 +32,8 @@ __all__ = [
 ]
 
 # ``features=None`` (auto) sets the feature weight by the run's optimizer steps. Measured
-# (benchmarks/results/sfp_design.md, "Feature distillation"): weight 100 gained 1.2-2.2 points
-# at 157-237 steps on three networks, was neutral at 468 (+0.05) and 782 (-0.09) and lost
+# (benchmarks/results/sfp_design.md, "The feature weight by run length"): weight 100 gained 1.2-2.2
+# points at 157-237 steps on three networks, was neutral at 468 (+0.05) and 782 (-0.09) and lost
 # 0.4-0.5 at 1,560.
 AUTO_FEATURE_WEIGHT = 100.0
 AUTO_FULL_UNTIL = 300  # steps up to which the weight is whole
