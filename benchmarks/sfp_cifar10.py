@@ -374,8 +374,8 @@ def merged_arms(paths: list[str], model: str) -> list[dict]:
     them on the file it wrote, with no latency."""
     arms: list[dict] = [{"arm": "original", "rate": 0.0, "round_to": None, "file": model}]
     for entry in paths:
-        path, _, names = entry.partition(".json:")
-        path = path if path.endswith(".json") else f"{path}.json"
+        path, selected, names = entry.partition(".json:")
+        path = f"{path}.json" if selected else path  # the split took the suffix off
         wanted = dict(_renaming(n) for n in names.split(",")) if names else None
         data = json.loads(Path(path).read_text())
         keep = Path(data["settings"]["keep"])
