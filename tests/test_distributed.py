@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from sfp_onnx.data.decoded import Augmentation, DecodedImages
 from sfp_onnx.data.loaders import create_loader
 from sfp_onnx.training import distributed
 from sfp_onnx.training.distributed import RanksDisagree
+from sfp_onnx.training.hooks import TrainingHook
 from tests.exports import cifar10_root
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
@@ -186,6 +188,48 @@ def test_the_agreement_check_catches_ranks_that_differ(tmp_path):
         assert broadcast == [0, 5]  # rank 0's masks on every rank
         assert total == [2.0, 1.0]
         assert "does not split evenly over 2 processes" in str(odd)
+
+
+class _SignalledApart(TrainingHook):
+    """SIGTERM to each rank at a different moment, as a process group's signal can land.
+
+    Rank 0 has it before its stop point after step 2 but lingers there; rank 1 passes that
+    stop point unsignalled, waits for rank 0 in step 3's collectives, and is signalled there.
+    """
+
+    def after_step(self, step: int) -> None:
+        if step != 2:
+            return
+        if dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)  # rank 1 is blocked in step 3 and gets its signal meanwhile
+        else:
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+
+def _signalled_apart_job(rank: int):
+    from sfp_onnx.errors import TrainingInterrupted
+    from sfp_onnx.training.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_module(0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 2, (32,)))
+    config = TrainConfig(epochs=1, batch_size=4, device="cpu")
+    workdir = f"/tmp/sfp-signalled-apart-{os.getppid()}"
+    try:
+        train(model, data, None, config, workdir=workdir, hooks=[_SignalledApart()])
+    except TrainingInterrupted as exc:
+        return f"interrupted: {exc}"
+    except RuntimeError as exc:
+        return f"crashed: {exc}"
+    return "finished"
+
+
+def test_ranks_signalled_at_different_steps_both_stop_as_interrupted(tmp_path):
+    """The rank left waiting in a collective reads the peer's exit as the same interrupt."""
+    results = _run_ranks(tmp_path, _signalled_apart_job)
+    for rank in (0, 1):
+        assert str(results[rank]).startswith("interrupted: interrupted in epoch 1"), results
 
 
 def test_not_launched_by_torchrun_is_a_single_process(monkeypatch):

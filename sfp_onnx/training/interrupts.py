@@ -9,6 +9,11 @@ say) and leave the lock held, so that shutting the loader's workers down hung fo
 signal raises at once, for a user who insists. The loop catches the interrupt between saves, so
 the last completed epoch stays on disk, and raises :class:`TrainingInterrupted` with what is
 saved and how to continue.
+
+Under torchrun the signal reaches every rank, but not at the same instant: one rank can find
+the flag at a stop point that another has already passed, and leave while that one waits for
+it in a collective, which then fails ("Connection closed by peer"). :func:`stop_was_requested`
+lets the loop read that failure as the same interrupt rather than a crash.
 """
 
 from __future__ import annotations
@@ -21,11 +26,18 @@ from pathlib import Path
 
 from sfp_onnx.errors import TrainingInterrupted
 
-__all__ = ["interrupted", "last_checkpoint", "stop_point", "stops_at_safe_points"]
+__all__ = [
+    "interrupted",
+    "last_checkpoint",
+    "stop_point",
+    "stop_was_requested",
+    "stops_at_safe_points",
+]
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_stop_requested = threading.Event()
+_stop_requested = threading.Event()  # cleared when a stop point raises it
+_signalled = threading.Event()  # stays set until the block ends
 
 
 @contextlib.contextmanager
@@ -39,8 +51,10 @@ def stops_at_safe_points() -> Iterator[None]:
         if _stop_requested.is_set():
             raise KeyboardInterrupt  # the second signal: stop now
         _stop_requested.set()
+        _signalled.set()
 
     _stop_requested.clear()
+    _signalled.clear()
     previous = {number: signal.signal(number, request_stop) for number in _STOP_SIGNALS}
     try:
         yield
@@ -48,6 +62,7 @@ def stops_at_safe_points() -> Iterator[None]:
         for number, handler in previous.items():
             signal.signal(number, handler)
         _stop_requested.clear()
+        _signalled.clear()
 
 
 def stop_point() -> None:
@@ -55,6 +70,11 @@ def stop_point() -> None:
     if _stop_requested.is_set():
         _stop_requested.clear()
         raise KeyboardInterrupt
+
+
+def stop_was_requested() -> bool:
+    """True once Ctrl-C or SIGTERM has arrived in this :func:`stops_at_safe_points` block."""
+    return _signalled.is_set()
 
 
 def last_checkpoint(saved: int, path: Path) -> str:

@@ -56,6 +56,7 @@ from sfp_onnx.training.interrupts import (
     interrupted,
     last_checkpoint,
     stop_point,
+    stop_was_requested,
     stops_at_safe_points,
 )
 from sfp_onnx.training.metrics import METRICS, EpochRecord, LossWatch, write_metrics
@@ -279,6 +280,10 @@ def train(
                 raise interrupted(epoch, epoch - 1, path) from None
             except TrainingDiverged as exc:
                 raise TrainingDiverged(f"{exc}; {last_checkpoint(epoch - 1, path)}") from None
+            except RuntimeError:  # a collective failed: did another rank stop at this interrupt?
+                if not (ranks.enabled and stop_was_requested()):
+                    raise
+                raise interrupted(epoch, epoch - 1, path) from None
             history.append(record)
             emit(_epoch_event(record, config.epochs))
         stop_point()  # asked for after the last step: training is done and saved
