@@ -94,6 +94,9 @@ ARMS: dict[str, dict] = {
     "soft-f70": {"kind": "compress", "sfp": {"freeze": 0.7}},
     # the target rate from the first step (no ramp), re-chosen as the default does
     "soft-const": {"kind": "compress", "sfp": {"schedule": "constant"}},
+    # hysteresis: a masked channel returns only with a score 10% / 25% above a kept one's
+    "soft-h10": {"kind": "compress", "sfp": {"reselect_margin": 0.1}},
+    "soft-h25": {"kind": "compress", "sfp": {"reselect_margin": 0.25}},
     # the design arms
     "design": _design(),
     "design-nokd": {**_design(), "distill": NO_KD},

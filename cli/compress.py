@@ -71,6 +71,10 @@ _PRUNING = option_group(
     click.option("--reselect-every", type=click.IntRange(min=1), default=None,
                  help="soft-mask: steps between re-selections of the masks in the pruning "
                  "phase (and at its epoch ends). [default: 8 selections over the phase]"),
+    click.option("--reselect-margin", type=click.FloatRange(min=0.0), default=0.0,
+                 show_default=True,
+                 help="soft-mask: hysteresis of a re-selection: a masked channel comes back "
+                 "only if its score beats a kept channel's by this share (0.1: by 10%)."),
     click.option("--masked-scale", type=click.Choice(["zero", "decay"]), default="zero",
                  show_default=True,
                  help="soft-mask: masked channels x0, or x a factor decaying to 0 over the "
@@ -291,8 +295,8 @@ def _plan(model: str, opts: dict):
 
 
 _SFP_KEYS = (
-    "rate", "method", "criterion", "schedule", "freeze", "reselect_every", "masked_scale",
-    "straight_through", "round_to", "independent_layers", "bn_recalibration",
+    "rate", "method", "criterion", "schedule", "freeze", "reselect_every", "reselect_margin",
+    "masked_scale", "straight_through", "round_to", "independent_layers", "bn_recalibration",
 )  # fmt: skip
 
 

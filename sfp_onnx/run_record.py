@@ -154,4 +154,6 @@ def _how(sfp) -> str:
     if sfp.method == "sfp-paper":
         return "the paper's epoch-end zeroing of filter rows"
     phase = f"the first {1 - sfp.freeze:.0%} of the steps"
+    if sfp.reselect_margin > 0:
+        phase += f" (a masked channel returns only {sfp.reselect_margin:.0%} above a kept one)"
     return f"masks in the forward pass, re-chosen during {phase}, then frozen"

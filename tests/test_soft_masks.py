@@ -19,8 +19,10 @@ from sfp_onnx.data.datasets import DataConfig, load_datasets
 from sfp_onnx.graph.analyze import analyze_model
 from sfp_onnx.graph.load import clone_model, load_model
 from sfp_onnx.graph.rewrite import rewrite_model
+from sfp_onnx.graph.soft_prune import score_group, scoring_tensors
 from sfp_onnx.graph.zeros import removable_channels
 from sfp_onnx.runtime.verify import verify_models
+from sfp_onnx.training.channels import favour_kept
 from sfp_onnx.training.feature_match import FeatureMatch, bounded_gap
 from sfp_onnx.training.hooks import TrainingHook
 from sfp_onnx.training.import_torch import import_model, write_back
@@ -178,6 +180,36 @@ def test_a_masked_channel_comes_back_when_its_score_grows(tmp_path: Path) -> Non
     assert revived not in pruner.masks[group.id]
     assert len(pruner.masks[group.id]) == len(masked)
     assert pruner.epoch_end(1)["revived"] >= 1
+
+
+def test_a_reselect_margin_keeps_near_ties_from_swapping(tmp_path: Path) -> None:
+    """Hysteresis: a masked filter returns only when it beats the weakest kept one by the margin."""
+    _, model, analysis, imp = _imported(tmp_path)
+    config = replace(SOFT, schedule="constant", reselect_every=1, freeze=0.5, reselect_margin=0.5)
+    pruner = SoftMaskPruner(imp, model, analysis, config)
+    pruner.start(steps_per_epoch=10, epochs=1)
+    group = next(g for g in pruner.groups if g.layers == ("/block1/conv1/Conv",))
+    masked = int(pruner.masks[group.id][0])
+
+    def scores() -> np.ndarray:
+        return score_group(group, imp.arrays(scoring_tensors([group])), "l2")
+
+    for ratio, step, returns in ((1.2, 1, False), (2.0, 2, True)):
+        score = scores()
+        kept = np.setdiff1d(np.arange(group.channels), pruner.masks[group.id])
+        weakest = float(score[kept].min())
+        with torch.no_grad():
+            imp.tensor("block1.conv1.weight")[masked] *= ratio * weakest / float(score[masked])
+        assert scores()[masked] == pytest.approx(ratio * weakest, rel=1e-4)
+        pruner.after_step(step)
+        assert (masked not in pruner.masks[group.id]) == returns, ratio
+    assert pruner.epoch_end(1)["revived"] == 1
+
+
+def test_favour_kept_raises_only_the_kept_scores() -> None:
+    score = np.array([1.0, 2.0, 3.0, 4.0])
+    assert favour_kept(score, np.array([1]), 0.0) is score
+    np.testing.assert_allclose(favour_kept(score, np.array([1, 3]), 0.1), [1.1, 2.0, 3.3, 4.0])
 
 
 def test_taylor_importance_is_measured_at_the_gates(data, tmp_path: Path) -> None:
@@ -404,7 +436,7 @@ def test_soft_mask_config_rejects_bad_values() -> None:
 
     for bad in (
         {"method": "magic"}, {"freeze": 1.0}, {"reselect_every": 0}, {"masked_scale": "half"},
-        {"independent_layers": True},
+        {"independent_layers": True}, {"reselect_margin": -0.1},
     ):  # fmt: skip
         with pytest.raises(UsageError):
             SfpConfig(rate=0.3, **bad)

@@ -24,6 +24,7 @@ __all__ = [
     "ArrayView",
     "check_linked",
     "choose_channels",
+    "favour_kept",
     "mask_changes",
     "trainable_groups",
     "zero_channels",
@@ -59,10 +60,14 @@ def choose_channels(
     round_to: int | None,
     view: ArrayView | None = None,
     counts: Mapping[int, int] | None = None,
+    masked: Mapping[int, np.ndarray] | None = None,
+    margin: float = 0.0,
 ) -> dict[int, np.ndarray]:
     """The lowest-scored ``prune_count`` indices of every group, from the current weights.
 
     ``counts`` (group id -> channels to choose, e.g. a plan's) replaces the rate's count.
+    ``masked`` and ``margin``: the channels masked now, and the hysteresis of
+    :func:`favour_kept`.
     """
     arrays = imported.arrays(scoring_tensors(groups))
     if view is not None:
@@ -72,10 +77,24 @@ def choose_channels(
         count = prune_count(group.channels, rate, round_to, group.parts)
         if counts is not None:
             count = counts.get(group.id, 0)
-        chosen[group.id] = select_channels(
-            score_group(group, arrays, criterion), count, group.parts
-        )
+        score = score_group(group, arrays, criterion)
+        if masked is not None:
+            score = favour_kept(score, masked.get(group.id, np.zeros(0, np.int64)), margin)
+        chosen[group.id] = select_channels(score, count, group.parts)
     return chosen
+
+
+def favour_kept(score: np.ndarray, masked: np.ndarray, margin: float) -> np.ndarray:
+    """``score`` with every channel not in ``masked`` raised by the factor ``1 + margin``.
+
+    Hysteresis for a re-selection: a masked channel displaces a kept one only when its score
+    is more than ``margin`` above it, so near-ties do not swap back and forth.
+    """
+    if margin == 0.0:
+        return score
+    favoured = score.astype(np.float64) * (1.0 + margin)
+    favoured[masked] = score[masked]
+    return favoured
 
 
 @torch.no_grad()

@@ -82,6 +82,8 @@ class SfpConfig:
     round_to: int | str | None = None  # keep a multiple of K channels per group; "auto"
     # soft-mask: optimizer steps between re-selections; None: 8 selections over the phase
     reselect_every: int | None = None
+    # soft-mask: a masked channel comes back only with a score this share above a kept one's
+    reselect_margin: float = 0.0
     freeze: float = 0.9  # soft-mask: final fraction of the steps with the masks frozen
     masked_scale: str = "zero"  # soft-mask: masked channels x0, or a factor decaying to 0
     straight_through: bool = False  # soft-mask: masked channels still get the full gradient
@@ -107,6 +109,8 @@ class SfpConfig:
                 )
         if self.reselect_every is not None and self.reselect_every < 1:
             raise UsageError(f"--reselect-every is {self.reselect_every}; give 1 or more steps")
+        if self.reselect_margin < 0.0:
+            raise UsageError(f"--reselect-margin is {self.reselect_margin}; give 0 or more")
         if not 0.0 <= self.freeze < 1.0:
             raise UsageError(f"--freeze must be in [0, 1), got {self.freeze}")
         if self.bn_recalibration is not None and self.bn_recalibration < 0:

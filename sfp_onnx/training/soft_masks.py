@@ -44,6 +44,7 @@ from sfp_onnx.training.channels import (
     ArrayView,
     check_linked,
     choose_channels,
+    favour_kept,
     mask_changes,
     trainable_groups,
     zero_channels,
@@ -199,13 +200,16 @@ class SoftMaskPruner(TrainingHook):
         if not self.taylor:
             return choose_channels(
                 self.imported, self.groups, rate=self.rate, criterion=config.criterion,
-                round_to=config.round_to, view=self.view, counts=counts,
+                round_to=config.round_to, view=self.view, counts=counts, masked=self.masks,
+                margin=config.reselect_margin,
             )  # fmt: skip
         if not self.importance_steps:
             return None
         chosen = {}
         for group in self.groups:
             score = (self.importance[group.id] / self.importance_steps).cpu().numpy()
+            masked = self.masks.get(group.id, np.zeros(0, np.int64))
+            score = favour_kept(score, masked, config.reselect_margin)
             chosen[group.id] = select_channels(score, counts.get(group.id, 0), group.parts)
         self.importance, self.importance_steps = {}, 0
         return chosen
