@@ -95,6 +95,8 @@ ARMS: dict[str, dict] = {
     # the target rate from the first step (no ramp), re-chosen as the default does
     "soft-const": {"kind": "compress", "sfp": {"schedule": "constant"}},
     # hysteresis: a masked channel returns only with a score 10% / 25% above a kept one's
+    # (0.1 is the default now; soft-h0 is the default before it, every swap allowed)
+    "soft-h0": {"kind": "compress", "sfp": {"reselect_margin": 0.0}},
     "soft-h10": {"kind": "compress", "sfp": {"reselect_margin": 0.1}},
     "soft-h25": {"kind": "compress", "sfp": {"reselect_margin": 0.25}},
     # the design arms

@@ -71,7 +71,7 @@ _PRUNING = option_group(
     click.option("--reselect-every", type=click.IntRange(min=1), default=None,
                  help="soft-mask: steps between re-selections of the masks in the pruning "
                  "phase (and at its epoch ends). [default: 8 selections over the phase]"),
-    click.option("--reselect-margin", type=click.FloatRange(min=0.0), default=0.0,
+    click.option("--reselect-margin", type=click.FloatRange(min=0.0), default=0.1,
                  show_default=True,
                  help="soft-mask: hysteresis of a re-selection: a masked channel comes back "
                  "only if its score beats a kept channel's by this share (0.1: by 10%)."),

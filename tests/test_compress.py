@@ -58,6 +58,7 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     assert "+ 100 × the kept channels' gap" in result.output
     assert "feature weight auto: 100 for a 6-step run" in result.output
     assert result.output.count("kept-channel gap ") == 2  # on each epoch's line
+    assert "(a masked channel returns only 10% above a kept one)" in result.output
     assert f"checkpoints kept in {tmp_path / 'w'}" in result.output  # a named workdir stays
     assert (tmp_path / "w").is_dir()
     assert resnet8.read_bytes() == before
@@ -72,6 +73,7 @@ def test_compress_cli_end_to_end(resnet8, tmp_path):
     assert len(data["training"]["epochs"]) == 2
     assert data["settings"]["distillation"]["features"] == 100.0
     assert data["settings"]["distillation"]["features_rule"].startswith("auto: 100")
+    assert data["settings"]["pruning"]["reselect_margin"] == 0.1
     # exact against --save-masked on real images
     from tests.exports import cifar_images
 

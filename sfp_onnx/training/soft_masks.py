@@ -13,15 +13,18 @@ network trains as the structure it will have. Over the run:
    the Taylor importance measured at the gates since the last selection (``taylor``: the mean
    square of ``dL/dgate`` per step — for a kept channel what removing it would cost, for a
    masked one what bringing it back would gain). A channel masked at one selection is back at
-   the next if its score has overtaken another's: the "soft" of SFP. Masked channels are
-   multiplied by 0, or by a factor decaying linearly to 0 over the phase (``masked_scale
-   ="decay"``, as SRFP); ``straight_through`` passes them the full gradient (DPF-like).
+   the next if its score has overtaken a kept one's by more than ``reselect_margin`` (10% by
+   default: hysteresis, so that near-ties do not swap back and forth): the "soft" of SFP.
+   Masked channels are multiplied by 0, or by a factor decaying linearly to 0 over the phase
+   (``masked_scale="decay"``, as SRFP); ``straight_through`` passes them the full gradient
+   (DPF-like).
 2. freeze phase (the rest): the masks are those of the final selection, at exactly the
    target rate, and the network recovers with its final structure.
 
 Measured on CIFAR-10 (benchmarks/results/sfp_design.md): a short pruning phase wins at
 fine-tuning budgets — every re-selection that swaps channels costs accuracy the remaining steps
-must win back — and neither decay, straight-through nor Taylor scores beat L2 there.
+must win back, which is also why the margin pays — and neither decay, straight-through nor
+Taylor scores beat L2 there.
 
 :meth:`SoftMaskPruner.finish` then zeroes the masked channels in the dense tensors and removes
 the gates: the written network is the one the last training step ran, to the bit. The pruner
