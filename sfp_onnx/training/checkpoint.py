@@ -2,9 +2,10 @@
 
 This module owns how a training state is stored: one ``checkpoint.pt`` per workdir, written
 atomically, holding only tensors and plain containers so that ``torch.load(weights_only=True)``
-reads it. It also captures and restores the global RNGs (torch, CUDA, numpy, Python) and says
-which settings differ between a saved run and a new one. What goes into the state, and when
-to save or resume, is the training loop's (:mod:`sfp_onnx.training.train`).
+reads it. It also captures and restores the global RNGs (torch, CUDA, numpy, Python), and
+opens a saved run for ``--resume`` only if it is the same run (:func:`open_checkpoint` names
+the settings that differ). What goes into the state, and when to save, is the training loop's
+(:mod:`sfp_onnx.training.train`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ __all__ = [
     "check_same_run",
     "checkpoint_path",
     "load_checkpoint",
+    "open_checkpoint",
     "plain",
     "restore_rng_state",
     "rng_state",
@@ -69,6 +71,45 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a checkpoint of this version; use another --workdir")
     return state
+
+
+def open_checkpoint(
+    path: Path,
+    resume: bool,
+    config: Mapping,
+    settings: Mapping,
+    *,
+    execution: Collection[str],
+    note: Callable[[str], None],
+) -> dict | None:
+    """The checkpoint to continue from, or None to start fresh; checks it is the same run.
+
+    ``config`` and ``settings`` are this run's (plain values); ``execution`` names the config
+    fields that only say how it runs (device, workers...) and may change on a resume.
+
+    Raises:
+        UsageError: a checkpoint is there without ``resume``, or it is another run's.
+    """
+    if not path.exists():
+        if resume:
+            note(f"no checkpoint in {path.parent}; starting fresh")
+        return None
+    if not resume:
+        raise UsageError(
+            f"workdir {path.parent} already holds a checkpoint; pass --resume to continue "
+            "that run, or use another --workdir"
+        )
+    checkpoint = load_checkpoint(path)
+
+    def computes(values: Mapping) -> dict:
+        return {k: v for k, v in values.items() if k not in execution}
+
+    check_same_run(
+        path,
+        (computes(checkpoint["config"]), computes(config)),
+        (checkpoint["settings"], settings),
+    )
+    return checkpoint
 
 
 def check_same_run(path: Path, *pairs: tuple[Mapping, Mapping]) -> None:

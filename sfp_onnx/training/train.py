@@ -42,9 +42,8 @@ from sfp_onnx.runtime.evaluate import evaluate_torch
 from sfp_onnx.training import distributed
 from sfp_onnx.training.checkpoint import (
     CHECKPOINT,
-    check_same_run,
     checkpoint_path,
-    load_checkpoint,
+    open_checkpoint,
     plain,
     restore_rng_state,
     rng_state,
@@ -262,7 +261,10 @@ def train(
     settings = plain(settings or {})
     device = _rank_device(resolve_device(config.device), ranks, config.batch_size)
     path = checkpoint_path(workdir)
-    checkpoint = _open_checkpoint(path, resume, config, settings, emit)
+    checkpoint = open_checkpoint(
+        path, resume, asdict(config), settings, execution=_EXECUTION_FIELDS,
+        note=lambda message: emit(ProgressEvent("note", message=message)),
+    )  # fmt: skip
     run = _create_run(module, config, device, ranks, emit, objective or CrossEntropy(), hooks)
     history, done = _restore(run, checkpoint, path) if checkpoint else _fresh_start(config.seed)
     run.forward = _data_parallel(run)  # after the restore: DDP starts from rank 0's state
@@ -522,36 +524,6 @@ def _epoch_event(record: EpochRecord, epochs: int) -> ProgressEvent:
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-
-
-def _open_checkpoint(
-    path: Path,
-    resume: bool,
-    config: TrainConfig,
-    settings: dict,
-    emit: Callable[[ProgressEvent], None],
-) -> dict | None:
-    """The checkpoint to continue from, or None to start fresh; checks it fits this run."""
-    if not path.exists():
-        if resume:
-            emit(ProgressEvent("note", message=f"no checkpoint in {path.parent}; starting fresh"))
-        return None
-    if not resume:
-        raise UsageError(
-            f"workdir {path.parent} already holds a checkpoint; pass --resume to continue "
-            "that run, or use another --workdir"
-        )
-    checkpoint = load_checkpoint(path)
-    check_same_run(
-        path,
-        (_what_it_computes(checkpoint["config"]), _what_it_computes(asdict(config))),
-        (checkpoint["settings"], settings),
-    )
-    return checkpoint
-
-
-def _what_it_computes(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _EXECUTION_FIELDS}
 
 
 def _save(run: _Run, path: Path, history: list[EpochRecord], settings: dict) -> None:
