@@ -339,17 +339,22 @@ def plot(arms: list[dict], path: Path) -> None:
 
 
 def _draw_lines(ax, arms: list[dict], lines: dict[tuple, list]) -> None:
-    """One color per arm, the line style per rounding; the original and unpruned as rules."""
+    """One color per arm, the line style per rounding; the original and unpruned as rules.
+
+    Rows merged as ``ARM seed N`` take ARM's color, drawn as crosses without a line.
+    """
     import matplotlib.pyplot as plt
 
     base = arms[0]
-    names = sorted({name for name, _ in lines})
+    names = sorted({name.split(" seed ")[0] for name, _ in lines})
     colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
     for (name, round_to), points in sorted(lines.items(), key=lambda kv: str(kv[0])):
         points.sort(key=lambda a: a["macs"], reverse=True)
         cut = [100 * (1 - a["macs"] / base["macs"]) for a in points]
-        ax.plot(cut, [100 * a["top1"] for a in points], marker="o", color=colors[name],
-                linestyle="-" if round_to else "--",
+        seed = " seed " in name
+        ax.plot(cut, [100 * a["top1"] for a in points], marker="x" if seed else "o",
+                color=colors[name.split(" seed ")[0]],
+                linestyle="none" if seed else "-" if round_to else "--",
                 label=f"{name} (round-to {round_to or 'none'})")  # fmt: skip
     for arm in arms:
         if arm["arm"] in ("original", "unpruned"):
