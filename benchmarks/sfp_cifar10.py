@@ -346,14 +346,16 @@ def _draw_lines(ax, arms: list[dict], lines: dict[tuple, list]) -> None:
     import matplotlib.pyplot as plt
 
     base = arms[0]
-    names = sorted({name.split(" seed ")[0] for name, _ in lines})
-    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    arm_of = {name: name.partition(" seed ")[0] for name, _ in lines}  # "soft seed 1" -> soft
+    colors = {
+        arm: plt.get_cmap("tab20")(i % 20) for i, arm in enumerate(sorted(set(arm_of.values())))
+    }
     for (name, round_to), points in sorted(lines.items(), key=lambda kv: str(kv[0])):
         points.sort(key=lambda a: a["macs"], reverse=True)
         cut = [100 * (1 - a["macs"] / base["macs"]) for a in points]
-        seed = " seed " in name
+        seed = arm_of[name] != name
         ax.plot(cut, [100 * a["top1"] for a in points], marker="x" if seed else "o",
-                color=colors[name.split(" seed ")[0]],
+                color=colors[arm_of[name]],
                 linestyle="none" if seed else "-" if round_to else "--",
                 label=f"{name} (round-to {round_to or 'none'})")  # fmt: skip
     for arm in arms:
