@@ -66,6 +66,7 @@ ARMS: dict[str, dict] = {
     "unpruned": {"kind": "unpruned", "distill": NO_KD},
     "hard": {"kind": "hard", "distill": NO_KD},
     "hard+kd": {"kind": "hard", "distill": {}},
+    "hard+kd9": {"kind": "hard", "distill": {"weight": 0.9}},  # the pair of soft-kd9
     "paper": {
         "kind": "compress",
         "sfp": {"method": "sfp-paper", "schedule": "constant"},
@@ -77,6 +78,7 @@ ARMS: dict[str, dict] = {
     "soft-noins": {"kind": "compress", "insert_norms": False},
     "soft-kd1": {"kind": "compress", "distill": {"weight": 1.0, "temperature": 1.0}},
     "soft-kd9": {"kind": "compress", "distill": {"weight": 0.9, "temperature": 4.0}},
+    "soft-kd3": {"kind": "compress", "distill": {"weight": 0.3}},
     # kept channels pulled toward the teacher's where layers read them (weight 1 ... 100;
     # the default, auto, is 100 up to 400 steps and 0 from 800: soft-nofm is the default
     # before auto, and equals soft at budget b)
