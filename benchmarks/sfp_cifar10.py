@@ -224,10 +224,10 @@ def run_arm(name: str, rate: float, round_to, args, work: Path) -> dict:
         return {"file": str(output), **_compress(source, output, sfp, spec, args, work)}
     if spec["kind"] == "hard":
         oneshot = work / f"{label}.oneshot.onnx"
-        api.prune(source, oneshot, rate=rate, round_to=round_to)
+        pruned = api.prune(source, oneshot, rate=rate, round_to=round_to)
         hard = {**spec, "distill": {**spec.get("distill", {}), "teacher": str(source)}}
         record = _compress(oneshot, output, SfpConfig(rate=0.0), hard, args, work)
-        return {"file": str(output), **record}
+        return {"file": str(output), "oneshot": pruned.settings, **record}
     sfp = replace(SfpConfig(rate=rate, round_to=round_to), **spec.get("sfp", {}))
     return {"file": str(output), **_compress(source, output, sfp, spec, args, work)}
 
@@ -310,6 +310,7 @@ def _round_to(arm: dict) -> str:
     """The rounding asked for, and what ``auto`` resolved to on this machine."""
     settings = arm.get("settings", {})
     resolved = settings.get("pruning", {}).get("round_to", settings.get("round_to"))
+    resolved = resolved or arm.get("oneshot", {}).get("round_to")  # hard arms: their prune's
     asked = arm["round_to"]
     if asked == "auto" and resolved:
         return f"auto ({resolved})"
