@@ -335,7 +335,16 @@ def plot(arms: list[dict], path: Path) -> None:
     top.set_ylim(best - 6, best + 0.5)
     top.set_title("the same, top 6 points")
     whole.set_title(f"{Path(arms[0]['file']).stem} on CIFAR-10, equal fine-tuning budget per arm")
-    top.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    handles, labels = top.get_legend_handles_labels()
+    styles = [  # the rounding and seed encodings, once for all arms
+        matplotlib.lines.Line2D([], [], color="grey", linestyle=style, marker=marker, label=label)
+        for style, marker, label in (
+            ("-", None, "rounded (8, 16, auto)"), ("--", None, "round-to none"),
+            ("none", "x", "other seeds"),
+        )
+    ]  # fmt: skip
+    top.legend(handles=[*handles, *styles], labels=[*labels, *(h.get_label() for h in styles)],
+               fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -344,7 +353,8 @@ def plot(arms: list[dict], path: Path) -> None:
 def _draw_lines(ax, arms: list[dict], lines: dict[tuple, list]) -> None:
     """One color per arm, the line style per rounding; the original and unpruned as rules.
 
-    Rows merged as ``ARM seed N`` take ARM's color, drawn as crosses without a line.
+    Rows merged as ``ARM seed N`` take ARM's color, drawn as crosses without a line; the legend
+    names each arm once.
     """
     import matplotlib.pyplot as plt
 
@@ -353,14 +363,16 @@ def _draw_lines(ax, arms: list[dict], lines: dict[tuple, list]) -> None:
     colors = {
         arm: plt.get_cmap("tab20")(i % 20) for i, arm in enumerate(sorted(set(arm_of.values())))
     }
-    for (name, round_to), points in sorted(lines.items(), key=lambda kv: str(kv[0])):
+    labelled: set[str] = set()  # one legend entry per arm; the styles are explained once
+    by_seed_then_name = sorted(lines.items(), key=lambda kv: (" seed " in kv[0][0], str(kv[0])))
+    for (name, round_to), points in by_seed_then_name:  # an arm's legend entry: its seed-0 line
         points.sort(key=lambda a: a["macs"], reverse=True)
         cut = [100 * (1 - a["macs"] / base["macs"]) for a in points]
-        seed = arm_of[name] != name
+        arm, seed = arm_of[name], arm_of[name] != name
         ax.plot(cut, [100 * a["top1"] for a in points], marker="x" if seed else "o",
-                color=colors[arm_of[name]],
-                linestyle="none" if seed else "-" if round_to else "--",
-                label=f"{name} (round-to {round_to or 'none'})")  # fmt: skip
+                color=colors[arm], linestyle="none" if seed else "-" if round_to else "--",
+                label="_" if arm in labelled else arm)  # fmt: skip
+        labelled.add(arm)
     for arm in arms:
         if arm["arm"] in ("original", "unpruned"):
             ax.axhline(100 * arm["top1"], color="grey", linewidth=0.8,
