@@ -44,6 +44,7 @@ from sfp_onnx.data.datasets import DataConfig, load_datasets  # noqa: E402
 from sfp_onnx.errors import TrainingDiverged  # noqa: E402
 from sfp_onnx.graph.measure import measure_model  # noqa: E402
 from sfp_onnx.pipeline import CompressOptions, compress  # noqa: E402
+from sfp_onnx.planning import read_plan  # noqa: E402
 from sfp_onnx.runtime.bench import BenchConfig, benchmark  # noqa: E402
 from sfp_onnx.runtime.evaluate import evaluate_onnx  # noqa: E402
 from sfp_onnx.training.objectives import DistillConfig  # noqa: E402
@@ -138,6 +139,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=sorted(ARMS))
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 0.4, 0.5])
     parser.add_argument(
+        "--plan", help="PLAN.json from `sfp-onnx plan`: the pruned arms take its per-group "
+        "widths instead of --rates and --round-to (the table's rate: its share removed)"
+    )  # fmt: skip
+    parser.add_argument(
         "--round-to", nargs="+", default=["auto", "none"], help="auto | none | K, one or more"
     )
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="b")
@@ -176,6 +181,9 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.epochs, args.train_limit, args.eval_limit, args.monitor_limit = 1, 500, 500, 200
     args.round_to = [None if r == "none" else r if r == "auto" else int(r) for r in args.round_to]
+    if args.plan:
+        plan = read_plan(args.plan)
+        args.rates, args.round_to = [round(plan.removed_share, 3)], [plan.round_to]
     return args
 
 
@@ -224,11 +232,17 @@ def run_arm(name: str, rate: float, round_to, args, work: Path) -> dict:
         return {"file": str(output), **_compress(source, output, sfp, spec, args, work)}
     if spec["kind"] == "hard":
         oneshot = work / f"{label}.oneshot.onnx"
-        pruned = api.prune(source, oneshot, rate=rate, round_to=round_to)
+        if args.plan:
+            pruned = api.prune(source, oneshot, plan=args.plan)
+        else:
+            pruned = api.prune(source, oneshot, rate=rate, round_to=round_to)
         hard = {**spec, "distill": {**spec.get("distill", {}), "teacher": str(source)}}
         record = _compress(oneshot, output, SfpConfig(rate=0.0), hard, args, work)
         return {"file": str(output), "oneshot": pruned.settings, **record}
     sfp = replace(SfpConfig(rate=rate, round_to=round_to), **spec.get("sfp", {}))
+    if args.plan:  # as compress --plan: the plan's widths and rounding, its share as the rate
+        plan = read_plan(args.plan)
+        sfp = replace(sfp, plan=plan, rate=plan.removed_share, round_to=plan.round_to)
     return {"file": str(output), **_compress(source, output, sfp, spec, args, work)}
 
 
