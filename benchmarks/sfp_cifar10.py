@@ -181,7 +181,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.epochs, args.train_limit, args.eval_limit, args.monitor_limit = 1, 500, 500, 200
     args.round_to = [None if r == "none" else r if r == "auto" else int(r) for r in args.round_to]
-    if args.plan:
+    if args.plan:  # args.plan stays the path: the report records the settings as given
         plan = read_plan(args.plan)
         args.rates, args.round_to = [round(plan.removed_share, 3)], [plan.round_to]
     return args
@@ -349,7 +349,7 @@ def plot(arms: list[dict], path: Path) -> None:
     top.set_ylim(best - 6, best + 0.5)
     top.set_title("the same, top 6 points")
     whole.set_title(f"{Path(arms[0]['file']).stem} on CIFAR-10, equal fine-tuning budget per arm")
-    handles, labels = top.get_legend_handles_labels()
+    arm_handles, _ = top.get_legend_handles_labels()
     styles = [  # the rounding and seed encodings, once for all arms
         matplotlib.lines.Line2D([], [], color="grey", linestyle=style, marker=marker, label=label)
         for style, marker, label in (
@@ -357,8 +357,8 @@ def plot(arms: list[dict], path: Path) -> None:
             ("none", "x", "other seeds"),
         )
     ]  # fmt: skip
-    top.legend(handles=[*handles, *styles], labels=[*labels, *(h.get_label() for h in styles)],
-               fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # fmt: skip
+    top.legend(handles=[*arm_handles, *styles], fontsize=7, loc="center left",
+               bbox_to_anchor=(1.01, 0.5))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -378,7 +378,9 @@ def _draw_lines(ax, arms: list[dict], lines: dict[tuple, list]) -> None:
         arm: plt.get_cmap("tab20")(i % 20) for i, arm in enumerate(sorted(set(arm_of.values())))
     }
     labelled: set[str] = set()  # one legend entry per arm; the styles are explained once
-    by_seed_then_name = sorted(lines.items(), key=lambda kv: (" seed " in kv[0][0], str(kv[0])))
+    by_seed_then_name = sorted(
+        lines.items(), key=lambda kv: (arm_of[kv[0][0]] != kv[0][0], str(kv[0]))
+    )
     for (name, round_to), points in by_seed_then_name:  # an arm's legend entry: its seed-0 line
         points.sort(key=lambda a: a["macs"], reverse=True)
         cut = [100 * (1 - a["macs"] / base["macs"]) for a in points]
