@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,6 +103,7 @@ class Plan:
             raise UsageError(f"not an sfp-onnx plan (format {data.get('format')!r})")
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "groups" and k in data}
         groups = tuple(PlanGroup(**{**g, "layers": tuple(g["layers"])}) for g in data["groups"])
+        _check_numbers(fields, groups)
         return cls(**fields, groups=groups)
 
     @property
@@ -190,6 +191,23 @@ def make_plan(
     if output is not None:
         write_json(output, plan.to_json())
     return plan
+
+
+def _check_numbers(fields: Mapping[str, Any], groups: Sequence[PlanGroup]) -> None:
+    """Raise TypeError where a plan file's figures are not numbers (a hand-edited plan)."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    target = fields.get("target")
+    if not isinstance(target, Mapping) or not all(number(v) for v in target.values()):
+        raise TypeError(f"its target {target!r} is not a name -> number mapping")
+    for name in ("full_macs", "predicted_macs", "max_rate"):
+        if not number(fields.get(name)):
+            raise TypeError(f"its {name} {fields.get(name)!r} is not a number")
+    for group in groups:
+        if not all(isinstance(getattr(group, f), int) for f in ("id", "channels", "kept", "step")):
+            raise TypeError(f"its group {group.id!r} has a width that is not an integer")
 
 
 def allocation_criterion(criterion: str) -> str:

@@ -119,6 +119,26 @@ def test_plan_options_give_one_line_errors(tmp_path, args, expected):
     assert expected in line
 
 
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda d: d.update(target={"macs": None}), "target"),
+        (lambda d: d["groups"][0].update(kept="16"), "not an integer"),
+        (lambda d: d.pop("predicted_macs"), "incomplete or malformed"),
+    ],
+)
+def test_a_hand_edited_plan_is_refused_in_one_line(tmp_path, edit, expected):
+    plan_file = tmp_path / "plan.json"
+    sfp_onnx.make_plan(RESNET20, target_macs=0.5, output=plan_file)
+    data = json.loads(plan_file.read_text())
+    edit(data)
+    plan_file.write_text(json.dumps(data))
+    line = _error(["compress", str(RESNET20), "--plan", str(plan_file), "--data", "cifar10",
+                   "-o", str(tmp_path / "o.onnx")])  # fmt: skip
+    assert "malformed" in line and expected in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_plan_target_out_of_range_is_one_line():
     assert "(0, 1]" in _error(["plan", str(RESNET20), "--target-macs", "1.5"])
 
