@@ -27,7 +27,7 @@ from _results import Run, default_out, md_table, rewrite_markdown, write_results
 import sfp_onnx
 from sfp_onnx.graph.measure import measure_model
 from sfp_onnx.runtime.bench import speedups
-from sfp_onnx.speed_targets import plan_for_speed
+from sfp_onnx.speed_targets import SpeedSearch, plan_for_speed
 
 MODELS = ("resnet20@32", "mobilenet_v2@224", "resnet18@224", "resnet50@224")
 TARGETS = (1.5, 2.0, 3.0)
@@ -66,9 +66,10 @@ def measure(spec: str, batch: int, target: float, args, folder: Path) -> dict:
     source = export_model(spec, folder)
     started = time.perf_counter()
     rounds: list[str] = []
+    search = SpeedSearch(batch=batch, provider="cpu", seconds=args.round_seconds,
+                         cache_dir=folder / "cache")  # fmt: skip
     plan, points = plan_for_speed(
-        source, target_speedup=target, batch=batch, provider="cpu", round_to=args.round_to,
-        cache_dir=folder / "cache", seconds=args.round_seconds,
+        source, target_speedup=target, round_to=args.round_to, search=search,
         progress=rounds.append,
     )  # fmt: skip
     search_s = time.perf_counter() - started
@@ -175,6 +176,7 @@ def render(rows: list[dict], args) -> str:
     within = verdicts.count("within 5%")
     unreachable = sum(v.startswith("out of reach") for v in verdicts)
     rounding = sorted({str(r.get("round_to")) for r in rows})
+    args.out.mkdir(parents=True, exist_ok=True)  # the plot is drawn before the results are written
     plot(rows, args.out / f"{args.name}.png")
     return (f"{within} of {len(rows)} within ±5% of the target when re-timed; "
             f"{unreachable} out of reach, said by the plan (every group at its floor, "

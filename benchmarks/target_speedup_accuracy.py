@@ -28,7 +28,7 @@ import sfp_onnx
 from sfp_onnx.data.datasets import DataConfig
 from sfp_onnx.pipeline import CompressOptions
 from sfp_onnx.runtime.bench import speedups
-from sfp_onnx.speed_targets import plan_for_speed
+from sfp_onnx.speed_targets import SpeedSearch, plan_for_speed
 from sfp_onnx.training.sfp import SfpConfig
 from sfp_onnx.training.train import TrainConfig
 
@@ -96,8 +96,8 @@ def plan_arm(args, folder: Path, importance: str):
         sensitivity = sfp_onnx.measure_plan_sensitivity(args.model, data, round_to="auto")
         print(f"sensitivity measured in {sensitivity.seconds:.0f} s", flush=True)
     plan, _points = plan_for_speed(
-        args.model, target_speedup=args.target, batch=args.batch, round_to="auto",
-        sensitivity=sensitivity, cache_dir=folder, progress=print,
+        args.model, target_speedup=args.target, round_to="auto", sensitivity=sensitivity,
+        search=SpeedSearch(batch=args.batch, cache_dir=folder), progress=print,
     )  # fmt: skip
     return plan, sensitivity.seconds if sensitivity else 0.0
 

@@ -151,15 +151,16 @@ def measured_sensitivity(model: str, opts: dict):
 
 
 def _speed_plan(model: str, opts: dict):
-    from sfp_onnx.speed_targets import default_cache_dir, plan_for_speed
+    from sfp_onnx.speed_targets import SpeedSearch, default_cache_dir, plan_for_speed
 
-    cache = opts["cache_dir"] or default_cache_dir()
+    search = SpeedSearch(batch=opts["bench_batch"], provider=opts["provider"],
+                         seconds=opts["timing_seconds"],
+                         cache_dir=opts["cache_dir"] or default_cache_dir())  # fmt: skip
     result, _points = plan_for_speed(
         model, target_speedup=opts["target_speedup"],
-        target_latency_ms=opts["target_latency_ms"], batch=opts["bench_batch"],
-        provider=opts["provider"], round_to=opts["round_to"], max_rate=opts["max_rate"],
-        criterion=opts["criterion"], sensitivity=opts["measured"], cache_dir=cache,
-        seconds=opts["timing_seconds"], progress=console.print,
+        target_latency_ms=opts["target_latency_ms"], round_to=opts["round_to"],
+        max_rate=opts["max_rate"], criterion=opts["criterion"], sensitivity=opts["measured"],
+        search=search, progress=console.print,
     )  # fmt: skip
     refuse_a_miss(result, opts["strict"])
     return result

@@ -31,7 +31,7 @@ from sfp_onnx.planning import Plan, allocation_criterion, make_plan, read_plan
 from sfp_onnx.report import AnalysisReport, Report, summarize_group
 from sfp_onnx.runtime.target import resolve_round_to
 from sfp_onnx.runtime.verify import verify_models
-from sfp_onnx.speed_targets import plan_for_speed
+from sfp_onnx.speed_targets import SpeedSearch, plan_for_speed
 
 __all__ = ["Outputs", "analyze", "layer_statuses", "prune", "resolve_plan", "slim", "write_pruned"]
 
@@ -282,8 +282,8 @@ def resolve_plan(
 
     ``speed`` holds the allocation settings (``round_to``, ``max_rate``, ``criterion``, and a
     measured ``sensitivity`` from :func:`sfp_onnx.planning.measure_plan_sensitivity`) and,
-    for a speed target, how to time it (``batch``, ``provider``, ``cache_dir``; see
-    :func:`sfp_onnx.speed_targets.plan_for_speed`).
+    for a speed target, how to time it (the fields of
+    :class:`sfp_onnx.speed_targets.SpeedSearch`) and a ``progress`` callback.
 
     Raises:
         UsageError: not exactly one of the rate, the plan and the targets given.
@@ -313,9 +313,10 @@ def resolve_plan(
     if target_macs is not None:
         return make_plan(model, target_macs=target_macs, **allocation)
     if target_speedup is not None or target_latency_ms is not None:
+        progress = settings.pop("progress", None)
         timed, _points = plan_for_speed(
             model, target_speedup=target_speedup, target_latency_ms=target_latency_ms,
-            **allocation, **settings,
+            **allocation, search=SpeedSearch(**settings), progress=progress,
         )  # fmt: skip
         return timed
     return None

@@ -37,7 +37,7 @@ from sfp_onnx.runtime.target import resolve_round_to
 if TYPE_CHECKING:
     from sfp_onnx.training.sensitivity import Sensitivity
 
-__all__ = ["SpeedPoint", "default_cache_dir", "plan_for_speed"]
+__all__ = ["SpeedPoint", "SpeedSearch", "default_cache_dir", "plan_for_speed"]
 
 PathLike = str | os.PathLike
 
@@ -59,30 +59,48 @@ class SpeedPoint:
     confirmed: bool = False  # timed again for longer once it looked like the answer
 
 
+@dataclass(frozen=True)
+class SpeedSearch:
+    """How a speed target is searched: what is timed, for how long, and when it stops.
+
+    Attributes:
+        batch: the batch size the latency is timed at.
+        provider: the onnxruntime provider timed (``cpu``, ``cuda`` or ``tensorrt``).
+        seconds: how long each candidate and the original are timed per round (at least 10
+            runs each, at most 500); the plan that looks like the answer is timed again for
+            twice as long.
+        tolerance: a measured speedup this close to the goal (relative) ends the search.
+        rounds: at most this many rounds.
+        cache_dir: where timed plans are kept for reruns; None keeps none.
+    """
+
+    batch: int = 1
+    provider: str = "cpu"
+    seconds: float = 10.0
+    tolerance: float = 0.03
+    rounds: int = 6
+    cache_dir: PathLike | None = None
+
+
 def plan_for_speed(
     model: PathLike,
     *,
     target_speedup: float | None = None,
     target_latency_ms: float | None = None,
-    batch: int = 1,
-    provider: str = "cpu",
     round_to: int | str | None = None,
     max_rate: float = 0.7,
     criterion: str = "l2",
     sensitivity: Sensitivity | None = None,
-    cache_dir: PathLike | None = None,
-    tolerance: float = 0.03,
-    rounds: int = 6,
-    seconds: float = 10.0,
+    search: SpeedSearch | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Plan, list[SpeedPoint]]:
     """The plan whose pruned file runs ``target_speedup``× faster (or under the latency).
 
-    Each round times the candidate and the original interleaved for about ``seconds`` (at
-    least 10 runs each, at most 500). With ``sensitivity`` the widths weigh the measured loss
-    rises instead of the filter scores (:func:`~sfp_onnx.planning.make_plan`). Returns the
-    plan (its ``target`` says what was asked, ``measured`` what the chosen plan's file did)
-    and every timed point, cached ones included.
+    The widths are chosen as :func:`~sfp_onnx.planning.make_plan` chooses them (``round_to``,
+    ``max_rate``, ``criterion``; with ``sensitivity`` they weigh the measured loss rises
+    instead of the filter scores); ``search`` says how candidates are timed. Returns the plan
+    (its ``target`` says what was asked, ``measured`` what the chosen plan's file did) and
+    every timed point, cached ones included.
     """
     if (target_speedup is None) == (target_latency_ms is None):
         raise UsageError("give exactly one of --target-speedup and --target-latency-ms")
@@ -90,49 +108,87 @@ def plan_for_speed(
         raise UsageError(f"--target-speedup must be above 1, got {target_speedup}")
     if target_latency_ms is not None and target_latency_ms <= 0:
         raise UsageError(f"--target-latency-ms must be positive, got {target_latency_ms}")
-    say = progress or (lambda _message: None)
+    search = search or SpeedSearch()
     multiple = resolve_round_to(round_to)
-    settings = {"batch": batch, "provider": provider, "round_to": multiple,
+    settings = {"batch": search.batch, "provider": search.provider, "round_to": multiple,
                 "max_rate": max_rate, "criterion": criterion,
                 "importance": _importance_key(sensitivity)}  # fmt: skip
-    cache = _Cache(model, settings, cache_dir)
-    points = cache.load()
-    if points:
-        say(f"{len(points)} timed plans cached in {cache.path}")
-    # A rerun takes what an earlier search confirmed within 5% (it was given as the answer).
-    accepted = 0.05 if points else tolerance
-    for _ in range(rounds):
-        goal = _goal(points, target_speedup, target_latency_ms)
-        best = _closest(points, goal)
-        if best is not None and best.confirmed and abs(best.speedup / goal - 1) <= accepted:
-            break
-        if best is not None and abs(best.speedup / goal - 1) <= tolerance:
-            _confirm(model, best, points, settings, seconds, sensitivity, say)
-            cache.save(points)
-            continue
-        floor = 1.0 - max_rate
-        fraction = _untried(points, _next_fraction(points, goal, floor), goal, floor)
-        if fraction is None:
-            break  # converged between two measurements, or nothing left to try on that side
-        say(f"timing the plan for {fraction:.1%} of the MACs (goal {goal:.2f}x)")
-        point = _time_plan(model, fraction, settings, seconds, sensitivity)
-        say(f"  {point.speedup:.2f}x ({point.latency_ms:.3g} ms vs {point.base_latency_ms:.3g} ms)")
-        points.append(point)
-        cache.save(points)
-    goal = _goal(points, target_speedup, target_latency_ms)
-    best = _closest(points, goal)
-    if not best.confirmed and abs(best.speedup / goal - 1) <= 0.05:
+    timer = _Timer(model, settings, search, sensitivity, progress or (lambda _message: None))
+
+    def goal() -> float:
+        return _goal(timer.points, target_speedup, target_latency_ms)
+
+    timer.run(goal, floor=1.0 - max_rate)
+    best = _closest(timer.points, goal())
+    if not best.confirmed and abs(best.speedup / goal() - 1) <= 0.05:
         # The search stopped short of the tolerance; a plan said to meet the target still
         # rests on the longer, pooled timing, never on one round.
-        best = _confirm(model, best, points, settings, seconds, sensitivity, say)
-        cache.save(points)
-        goal = _goal(points, target_speedup, target_latency_ms)
+        best = timer.confirm(best)
     plan = make_plan(model, target_macs=best.macs_target, round_to=multiple, max_rate=max_rate,
                      criterion=criterion, sensitivity=sensitivity)  # fmt: skip
     target = {"speedup": target_speedup} if target_speedup else {"latency_ms": target_latency_ms}
-    measured = {**asdict(best), "batch": batch, "provider": provider,
-                "within_5_percent": abs(best.speedup / goal - 1) <= 0.05}  # fmt: skip
-    return replace(plan, target=target, measured=measured), points
+    measured = {**asdict(best), "batch": search.batch, "provider": search.provider,
+                "within_5_percent": abs(best.speedup / goal() - 1) <= 0.05}  # fmt: skip
+    return replace(plan, target=target, measured=measured), timer.points
+
+
+class _Timer:
+    """The search's state: the timed points (cached ones first) and how to time more."""
+
+    def __init__(
+        self, model: PathLike, settings: dict, search: SpeedSearch,
+        sensitivity: Sensitivity | None, say: Callable[[str], None],
+    ) -> None:  # fmt: skip
+        self.model, self.settings, self.config = model, settings, search
+        self.sensitivity, self.say = sensitivity, say
+        self.cache = _Cache(model, settings, search.cache_dir)
+        self.points = self.cache.load()
+        if self.points:
+            say(f"{len(self.points)} timed plans cached in {self.cache.path}")
+
+    def run(self, goal: Callable[[], float], floor: float) -> None:
+        """Time candidates until one is confirmed within the tolerance (or the rounds end)."""
+        # A rerun takes what an earlier search confirmed within 5% (it was given as the answer).
+        accepted = 0.05 if self.points else self.config.tolerance
+        for _ in range(self.config.rounds):
+            best = _closest(self.points, goal())
+            if best is not None and best.confirmed and abs(best.speedup / goal() - 1) <= accepted:
+                break
+            if best is not None and abs(best.speedup / goal() - 1) <= self.config.tolerance:
+                self.confirm(best)
+                continue
+            fraction = _untried(self.points, _next_fraction(self.points, goal(), floor), goal(),
+                                floor)  # fmt: skip
+            if fraction is None:
+                break  # converged between two measurements, or nothing left to try on that side
+            self.say(f"timing the plan for {fraction:.1%} of the MACs (goal {goal():.2f}x)")
+            point = self.time(fraction, self.config.seconds)
+            self.say(f"  {point.speedup:.2f}x ({point.latency_ms:.3g} ms vs "
+                     f"{point.base_latency_ms:.3g} ms)")  # fmt: skip
+            self.points.append(point)
+            self.cache.save(self.points)
+
+    def time(self, fraction: float, seconds: float) -> SpeedPoint:
+        """Plan for ``fraction`` of the MACs, prune to it, time it against the original."""
+        return _time_plan(self.model, fraction, self.settings, seconds, self.sensitivity)
+
+    def confirm(self, point: SpeedPoint) -> SpeedPoint:
+        """``point`` timed again for twice as long, the two timings pooled by time spent; it
+        replaces ``point`` in the points (and the cache) and is returned.
+
+        One round on a shared machine can be off by several percent; the answer is the plan
+        whose pooled timing is within the tolerance, not the luckiest single round.
+        """
+        self.say(f"confirming the plan for {point.macs_target:.1%} of the MACs (longer timing)")
+        again = self.time(point.macs_target, 2 * self.config.seconds)
+        latency = (point.latency_ms + 2 * again.latency_ms) / 3
+        base = (point.base_latency_ms + 2 * again.base_latency_ms) / 3
+        confirmed = replace(point, speedup=base / latency, latency_ms=latency,
+                            base_latency_ms=base, confirmed=True)  # fmt: skip
+        self.say(f"  {confirmed.speedup:.2f}x ({latency:.3g} ms vs {base:.3g} ms)")
+        self.points[self.points.index(point)] = confirmed
+        self.cache.save(self.points)
+        return confirmed
 
 
 def _goal(points: list[SpeedPoint], speedup: float | None, latency_ms: float | None) -> float:
@@ -214,27 +270,6 @@ def _time_plan(
     base, candidate = (r.latency_ms["p50"] for r in report.results)
     return SpeedPoint(fraction, plan.predicted_macs / plan.full_macs, base / candidate,
                       candidate, base)  # fmt: skip
-
-
-def _confirm(
-    model: PathLike, point: SpeedPoint, points: list[SpeedPoint], settings: dict,
-    seconds: float, sensitivity: Sensitivity | None, say: Callable[[str], None],
-) -> SpeedPoint:  # fmt: skip
-    """``point`` timed again for twice as long, the two timings pooled by time spent; it
-    replaces ``point`` in ``points`` and is returned.
-
-    One round on a shared machine can be off by several percent; the answer is the plan
-    whose pooled timing is within the tolerance, not the luckiest single round.
-    """
-    say(f"confirming the plan for {point.macs_target:.1%} of the MACs (longer timing)")
-    again = _time_plan(model, point.macs_target, settings, 2 * seconds, sensitivity)
-    latency = (point.latency_ms + 2 * again.latency_ms) / 3
-    base = (point.base_latency_ms + 2 * again.base_latency_ms) / 3
-    confirmed = replace(point, speedup=base / latency, latency_ms=latency,
-                        base_latency_ms=base, confirmed=True)  # fmt: skip
-    say(f"  {confirmed.speedup:.2f}x ({latency:.3g} ms vs {base:.3g} ms)")
-    points[points.index(point)] = confirmed
-    return confirmed
 
 
 def _importance_key(sensitivity: Sensitivity | None) -> str:
