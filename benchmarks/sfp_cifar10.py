@@ -340,7 +340,7 @@ def plot(arms: list[dict], path: Path) -> None:
 
     lines: dict[tuple, list] = {}
     for arm in arms[1:]:
-        if arm["arm"] != "unpruned" and arm["top1"] is not None:
+        if arm["rate"] > 0 and arm["top1"] is not None:  # unpruned runs (any seed, lr) cut nothing
             lines.setdefault((arm["arm"], arm["round_to"]), []).append(arm)
     fig, (whole, top) = plt.subplots(1, 2, figsize=(13, 5))
     for ax in (whole, top):
