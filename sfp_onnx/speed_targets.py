@@ -136,12 +136,12 @@ class _Timer:
     """The search's state: the timed points (cached ones first) and how to time more."""
 
     def __init__(
-        self, model: PathLike, settings: dict, search: SpeedSearch,
+        self, model: PathLike, settings: dict, config: SpeedSearch,
         sensitivity: Sensitivity | None, say: Callable[[str], None],
     ) -> None:  # fmt: skip
-        self.model, self.settings, self.config = model, settings, search
+        self.model, self.settings, self.config = model, settings, config
         self.sensitivity, self.say = sensitivity, say
-        self.cache = _Cache(model, settings, search.cache_dir)
+        self.cache = _Cache(model, settings, config.cache_dir)
         self.points = self.cache.load()
         if self.points:
             say(f"{len(self.points)} timed plans cached in {self.cache.path}")
