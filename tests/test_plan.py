@@ -171,9 +171,14 @@ def test_a_speed_target_is_timed_then_cached_and_the_plan_applies(tmp_path):
     cached = json.loads(next(cache.glob("speed-*.json")).read_text())
     assert len(cached["points"]) >= 1 and cached["key"]["batch"] == 8
     rerun = CliRunner().invoke(main, [*args, "-o", str(second)], catch_exceptions=False)
-    assert rerun.exit_code == 0 and "timing the plan" not in rerun.output, rerun.output
-    assert "cached in" in rerun.output
-    assert [g.kept for g in read_plan(second).groups] == [g.kept for g in plan.groups]
+    assert rerun.exit_code == 0 and "cached in" in rerun.output, rerun.output
+    if plan.measured["within_5_percent"]:  # the answer given is taken again, nothing re-timed
+        assert "timing the plan" not in rerun.output, rerun.output
+        assert [g.kept for g in read_plan(second).groups] == [g.kept for g in plan.groups]
+    else:  # a miss (timing noise on a loaded machine): the rerun searches on from the cache
+        again = json.loads(next(cache.glob("speed-*.json")).read_text())
+        targets = {point["macs_target"] for point in again["points"]}
+        assert {point["macs_target"] for point in cached["points"]} <= targets
     out = tmp_path / "slim.onnx"
     pruned = CliRunner().invoke(
         main, ["prune", str(RESNET20), "--plan", str(first), "-o", str(out)]
