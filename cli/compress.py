@@ -139,6 +139,8 @@ _OUTPUTS = option_group(
                  help="Measure onnxruntime latency before/after (interleaved, as `bench`)."),
     click.option("--bench-batch", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Batch size of the latency measurement."),
+    click.option("--bench-runs", type=click.IntRange(min=1), default=50, show_default=True,
+                 help="Timed runs per model of the latency measurement (as `bench --runs`)."),
     click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
                  default="auto", show_default=True,
                  help="onnxruntime provider of the latency measurement."),
@@ -247,7 +249,8 @@ def _configs(model: str, opts: dict):
             workdir=Path(opts["workdir"]) if opts["workdir"] else None, resume=opts["resume"],
             save_masked=opts["save_masked"], report=opts["report"],
             report_dir=opts["report_dir"], bench=opts["bench"],
-            bench_batch=opts["bench_batch"], provider=opts["provider"],
+            bench_batch=opts["bench_batch"], bench_runs=opts["bench_runs"],
+            provider=opts["provider"],
             external_data=opts["external_data"], command_line=shlex.join(sys.argv),
             progress=progress,
         )  # fmt: skip
